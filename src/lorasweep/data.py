@@ -1,0 +1,476 @@
+"""Load a table, split it, build the label map, serialize rows to text and tokenize (cached).
+
+Each step is a module-level function taking its own settings; `prepare_data` chains them.
+Tables are read through `datasets` (Arrow, memory-mapped), so a large file is not held in memory.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import datasets
+import numpy as np
+
+from lorasweep import distributed
+from lorasweep.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+READERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+PERCENTILES = (50, 75, 90, 95, 99)
+
+
+@dataclass
+class LabelMap:
+    """Class names by id. Slots past the real classes are dummies kept for later label growth."""
+
+    labels: List[str]
+    num_real: int
+
+    @property
+    def label2id(self) -> Dict[str, int]:
+        return {name: i for i, name in enumerate(self.labels)}
+
+    @property
+    def id2label(self) -> Dict[int, str]:
+        return dict(enumerate(self.labels))
+
+    def to_json(self) -> dict:
+        return {"id2label": {str(i): n for i, n in enumerate(self.labels)},
+                "label2id": self.label2id, "num_labels": len(self.labels),
+                "num_real_labels": self.num_real}
+
+    @classmethod
+    def from_json(cls, payload: dict) -> "LabelMap":
+        id2label = payload["id2label"]
+        labels = [id2label[str(i)] for i in range(len(id2label))]
+        return cls(labels=labels, num_real=payload.get("num_real_labels", len(labels)))
+
+
+@dataclass
+class PreparedData:
+    raw: datasets.DatasetDict  # the split rows, label column as class names
+    tokenized: datasets.DatasetDict  # input_ids, attention_mask, (token_type_ids), labels
+    label_map: LabelMap
+    text_columns: List[str]
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _expand(path: str, key: str) -> List[str]:
+    files = sorted(glob.glob(path)) if any(ch in path for ch in "*?[") else [path]
+    if not files or not all(os.path.isfile(f) for f in files):
+        raise DataError(f"{key}={path}: file not found (cwd {os.getcwd()})")
+    return files
+
+
+def read_table(path: str, key: str, allow_pickle: bool = False) -> datasets.Dataset:
+    """Read parquet / CSV / JSONL (one file or a glob) into an Arrow-backed Dataset."""
+    files = _expand(path, key)
+    ext = os.path.splitext(files[0])[1].lower()
+    if ext in (".pkl", ".pickle"):
+        return _read_pickle(files, key, allow_pickle)
+    if ext not in READERS:
+        raise DataError(f"{key}={path}: unsupported extension '{ext}' "
+                        f"(expected one of {', '.join(READERS)}, or .pkl with data.allow_pickle)")
+    try:
+        table = datasets.load_dataset(READERS[ext], data_files=files, split="train")
+    except Exception as exc:  # datasets wraps parser errors in many types
+        reason = " ".join(str(exc).split())[:300]
+        raise DataError(f"{key}={path}: cannot read as {READERS[ext]} ({reason})") from None
+    if len(table) == 0:
+        raise DataError(f"{key}={path}: the file has no rows")
+    return table
+
+
+def _read_pickle(files: List[str], key: str, allow_pickle: bool) -> datasets.Dataset:
+    if not allow_pickle:
+        raise DataError(f"{key}={files[0]}: pickle files can run code when loaded; "
+                        "set data.allow_pickle=true if you trust this file")
+    import pandas as pd
+
+    try:
+        frames = [pd.read_pickle(f) for f in files]
+    except Exception as exc:
+        raise DataError(f"{key}={files[0]}: cannot read as pickle ({exc})") from None
+    return datasets.Dataset.from_pandas(pd.concat(frames, ignore_index=True), preserve_index=False)
+
+
+def check_columns(table: datasets.Dataset, label_column: str, text_columns: Sequence[str],
+                  path: str) -> List[str]:
+    """Return the text columns to serialize; raise naming any column the table lacks."""
+    columns = table.column_names
+    if label_column not in columns:
+        raise DataError(f"data.label_column={label_column!r}: no such column in {path} "
+                        f"(columns: {', '.join(columns)})")
+    missing = [c for c in text_columns if c not in columns]
+    if missing:
+        raise DataError(f"data.text_columns: {', '.join(missing)} not in {path} "
+                        f"(columns: {', '.join(columns)})")
+    return list(text_columns) or [c for c in columns if c != label_column]
+
+
+def normalise_labels(table: datasets.Dataset, label_column: str, path: str) -> datasets.Dataset:
+    """Labels as strings (a CSV code 51100 and a parquet '51100' are one class); no empty ones."""
+    values = table[label_column]
+    bad = [i for i, v in enumerate(values)
+           if v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == ""]
+    if bad:
+        rows = ", ".join(str(i) for i in bad[:5])
+        raise DataError(f"{path}: column {label_column!r} has {len(bad)} empty/NaN labels "
+                        f"(first rows: {rows})")
+    as_text = [label_to_text(v) for v in values]
+    return table.remove_columns(label_column).add_column(label_column, as_text)
+
+
+def label_to_text(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+# ---------------------------------------------------------------------------- splitting
+
+
+def split_table(table: datasets.Dataset, label_column: str, val_size: float, test_size: float,
+                seed: int) -> tuple[datasets.DatasetDict, Dict[str, Any]]:
+    """Stratified train/validation/test split, deterministic for a given table and seed.
+
+    A class with fewer than 3 rows cannot appear in all three splits: its rows all go to train,
+    and the report lists it.
+    """
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(table[label_column])
+    names, counts = np.unique(labels, return_counts=True)
+    too_small = set(names[counts < 3].tolist())
+    indices = np.arange(len(labels))
+    small_mask = np.isin(labels, list(too_small))
+    pool, held_back = indices[~small_mask], indices[small_mask]
+    if len(pool) < 3:
+        raise DataError(f"data: {len(pool)} rows in classes with >= 3 rows; too few to split")
+    holdout = val_size + test_size
+    train_idx, rest_idx = train_test_split(pool, test_size=holdout, random_state=seed,
+                                           stratify=_stratify_or_none(labels[pool], holdout))
+    val_idx, test_idx = train_test_split(rest_idx, test_size=test_size / holdout,
+                                         random_state=seed,
+                                         stratify=_stratify_or_none(labels[rest_idx], 0.5))
+    train_idx = np.concatenate([train_idx, held_back])
+    splits = datasets.DatasetDict({
+        "train": table.select(train_idx), "validation": table.select(val_idx),
+        "test": table.select(test_idx),
+    })
+    report = {"classes_too_small_to_stratify": sorted(too_small),
+              "action": "all rows of these classes kept in train" if too_small else None}
+    if too_small:
+        log.warning("%d classes have < 3 rows and were kept in train only: %s",
+                    len(too_small), ", ".join(sorted(too_small)[:20]))
+    return splits, report
+
+
+def _stratify_or_none(labels: np.ndarray, fraction: float) -> Optional[np.ndarray]:
+    """Stratify when every class can give a row to both sides, else fall back to a plain shuffle."""
+    _, counts = np.unique(labels, return_counts=True)
+    n_small_side = int(math.ceil(len(labels) * min(fraction, 1 - fraction)))
+    if counts.min() >= 2 and n_small_side >= len(counts):
+        return labels
+    return None
+
+
+def load_splits(data_cfg) -> tuple[datasets.DatasetDict, List[str], Dict[str, Any]]:
+    """Read the configured files and return (splits, text columns, split report)."""
+    if data_cfg.source == "hf_disk":
+        return _load_hf_disk(data_cfg)
+    train = read_table(data_cfg.train_path, "data.train_path", data_cfg.allow_pickle)
+    text_columns = check_columns(train, data_cfg.label_column, data_cfg.text_columns,
+                                 data_cfg.train_path)
+    train = normalise_labels(train, data_cfg.label_column, data_cfg.train_path)
+    given = {"validation": data_cfg.valid_path, "test": data_cfg.test_path}
+    if all(given.values()):
+        splits, report = datasets.DatasetDict({"train": train}), {"split": "given"}
+    else:
+        splits, report = split_table(train, data_cfg.label_column, data_cfg.val_size,
+                                     data_cfg.test_size, data_cfg.seed)
+    for name, path in given.items():
+        if path:
+            key = "data.valid_path" if name == "validation" else "data.test_path"
+            table = read_table(path, key, data_cfg.allow_pickle)
+            check_columns(table, data_cfg.label_column, text_columns, path)
+            splits[name] = normalise_labels(table, data_cfg.label_column, path)
+    return splits, text_columns, report
+
+
+def _load_hf_disk(data_cfg) -> tuple[datasets.DatasetDict, List[str], Dict[str, Any]]:
+    path = data_cfg.train_path
+    if not os.path.isdir(path):
+        raise DataError(f"data.train_path={path}: not a directory saved by DatasetDict.save_to_disk")
+    try:
+        loaded = datasets.load_from_disk(path)
+    except Exception as exc:
+        raise DataError(f"data.train_path={path}: cannot load_from_disk ({exc})") from None
+    missing = [s for s in SPLITS if s not in loaded]
+    if missing:
+        raise DataError(f"data.train_path={path}: DatasetDict lacks split(s) {', '.join(missing)} "
+                        f"(has {', '.join(loaded)})")
+    text_columns = check_columns(loaded["train"], data_cfg.label_column, data_cfg.text_columns,
+                                 path)
+    splits = datasets.DatasetDict({s: normalise_labels(loaded[s], data_cfg.label_column, path)
+                                   for s in SPLITS})
+    return splits, text_columns, {"split": "given (load_from_disk)"}
+
+
+# ---------------------------------------------------------------------------- labels
+
+
+def build_label_map(train_labels: Sequence[str], max_classes: Optional[int],
+                    dummy_prefix: str) -> LabelMap:
+    """Sorted class names, padded with dummy slots up to `max_classes`."""
+    real = sorted(set(train_labels))
+    if max_classes is None:
+        return LabelMap(labels=real, num_real=len(real))
+    if len(real) > max_classes:
+        raise DataError(f"data.max_classes={max_classes}: the train split has {len(real)} classes")
+    taken = set(real)
+    dummies, i = [], 0
+    while len(real) + len(dummies) < max_classes:
+        i += 1
+        name = f"{dummy_prefix}{i}"
+        if name not in taken:
+            dummies.append(name)
+    return LabelMap(labels=real + dummies, num_real=len(real))
+
+
+def check_unknown_labels(splits: datasets.DatasetDict, label_map: LabelMap, label_column: str,
+                         policy: str) -> datasets.DatasetDict:
+    known = label_map.label2id
+    for name in ("validation", "test"):
+        unknown = sorted(set(splits[name][label_column]) - set(known))
+        if not unknown:
+            continue
+        if policy == "error":
+            raise DataError(f"{name} split has {len(unknown)} label(s) absent from train: "
+                            f"{', '.join(unknown[:10])} (set data.unknown_label=drop to drop them)")
+        before = len(splits[name])
+        splits[name] = splits[name].filter(lambda v: v in known, input_columns=label_column)
+        log.warning("dropped %d %s rows with labels absent from train: %s",
+                    before - len(splits[name]), name, ", ".join(unknown[:10]))
+        if len(splits[name]) == 0:
+            raise DataError(f"{name} split is empty after dropping labels absent from train")
+    return splits
+
+
+# ---------------------------------------------------------------------------- serialization
+
+
+def format_value(value: Any) -> Optional[str]:
+    """Stable text for a cell: integers without '.0', floats in shortest round-trip form."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, (np.floating, np.integer)):
+        return format_value(value.item())
+    text = str(value).strip()
+    return text if text else None
+
+
+def serialize_row(row: Dict[str, Any], columns: Sequence[str], separator: str = ", ",
+                  include_column_names: bool = True, null_token: Optional[str] = None) -> str:
+    """One table row as text: "vendor: Staples, amount: 45.2". Missing values are skipped,
+    or written as `null_token` when one is set. The same function runs at predict time."""
+    parts = []
+    for column in columns:
+        text = format_value(row.get(column))
+        if text is None:
+            if null_token is None:
+                continue
+            text = null_token
+        parts.append(f"{column}: {text}" if include_column_names else text)
+    return separator.join(parts)
+
+
+def serialization_settings(data_cfg, text_columns: Sequence[str]) -> Dict[str, Any]:
+    return {"text_columns": list(text_columns), "separator": data_cfg.separator,
+            "include_column_names": data_cfg.include_column_names,
+            "null_token": data_cfg.null_token}
+
+
+def serialize_batch(batch: Dict[str, list], settings: Dict[str, Any]) -> List[str]:
+    n = len(next(iter(batch.values())))
+    columns = settings["text_columns"]
+    return [serialize_row({c: batch[c][i] for c in columns}, columns, settings["separator"],
+                          settings["include_column_names"], settings["null_token"])
+            for i in range(n)]
+
+
+# ---------------------------------------------------------------------------- tokenization
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        # Calling the tokenizer stores truncation/padding settings in it: not part of its identity.
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        body = json.dumps(state, sort_keys=True)
+    else:
+        body = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = f"{tokenizer.padding_side}|{tokenizer.pad_token}|{len(tokenizer)}"
+    return hashlib.sha256((body + extra).encode()).hexdigest()[:16]
+
+
+def content_hash(split: datasets.Dataset) -> str:
+    """sha256 of the split's rows (Arrow IPC bytes, batch by batch): same rows, same hash, on any
+    machine. (datasets' own `_fingerprint` is not stable across processes for every operation.)"""
+    import pyarrow as pa
+
+    digest = hashlib.sha256()
+    table = split.with_format("arrow")
+    for start in range(0, len(split), 10_000):
+        batch = table[start:start + 10_000]
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as writer:
+            writer.write_table(batch)
+        digest.update(sink.getvalue())
+    return digest.hexdigest()
+
+
+def cache_key(splits: datasets.DatasetDict, tokenizer, label_map: LabelMap, data_cfg,
+              settings: Dict[str, Any]) -> str:
+    payload = {
+        "data": {name: content_hash(splits[name]) for name in SPLITS},
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "max_length": data_cfg.max_length, "padding": data_cfg.padding,
+        "serialization": settings, "labels": label_map.labels,
+        "label_column": data_cfg.label_column, "version": 1,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _tokenize_batch(batch, tokenizer, settings, label2id, label_column, max_length, padding):
+    encoded = tokenizer(serialize_batch(batch, settings), truncation=True, max_length=max_length,
+                        padding="max_length" if padding == "max_length" else False)
+    encoded["labels"] = [label2id[v] for v in batch[label_column]]
+    return encoded
+
+
+def tokenize_splits(splits: datasets.DatasetDict, tokenizer, label_map: LabelMap, data_cfg,
+                    settings: Dict[str, Any]) -> datasets.DatasetDict:
+    """Tokenize every split once; later runs with the same inputs load the result from disk."""
+    key = cache_key(splits, tokenizer, label_map, data_cfg, settings)
+    path = os.path.join(data_cfg.cache_dir, "tokenized", key)
+    with distributed.rank_zero_first():
+        if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+            log.info("tokenization cache hit: %s (key %s)", path, key)
+            return datasets.load_from_disk(path)
+        log.info("tokenization cache miss (key %s): tokenizing", key)
+        fn_kwargs = dict(tokenizer=tokenizer, settings=settings, label2id=label_map.label2id,
+                         label_column=data_cfg.label_column, max_length=data_cfg.max_length,
+                         padding=data_cfg.padding)
+        tokenized = datasets.DatasetDict({
+            name: split.map(_tokenize_batch, batched=True, fn_kwargs=fn_kwargs,
+                            num_proc=data_cfg.num_proc if data_cfg.num_proc > 1 else None,
+                            remove_columns=split.column_names, desc=f"tokenize {name}")
+            for name, split in splits.items()
+        })
+        if distributed.is_rank_zero():
+            _save_atomically(tokenized, path)
+        return tokenized
+
+
+def _save_atomically(tokenized: datasets.DatasetDict, path: str) -> None:
+    """Write to a temp dir and rename, so a crash never leaves a half-written cache entry."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    tokenized.save_to_disk(tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process won the race; its copy is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- diagnostics
+
+
+def diagnostics(raw: datasets.DatasetDict, tokenized: datasets.DatasetDict, tokenizer,
+                data_cfg, settings: Dict[str, Any], label_map: LabelMap,
+                sample_size: int = 2000) -> Dict[str, Any]:
+    """Token-length percentiles and truncation share (on a sample), class counts per split."""
+    train = raw["train"]
+    sample = train.select(range(min(sample_size, len(train))))
+    texts = serialize_batch(sample.to_dict(), settings)
+    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]])
+    truncated = float(np.mean(lengths > data_cfg.max_length)) if len(lengths) else 0.0
+    counts = {name: _class_counts(split[data_cfg.label_column]) for name, split in raw.items()}
+    rare = sorted(k for k, v in counts["train"].items() if v < data_cfg.rare_class_min_rows)
+    meta = {
+        "rows": {name: len(split) for name, split in raw.items()},
+        "num_classes": label_map.num_real, "num_label_slots": len(label_map.labels),
+        "text_columns": settings["text_columns"],
+        "token_length": {f"p{p}": float(np.percentile(lengths, p)) for p in PERCENTILES},
+        "token_length_sample_size": int(len(lengths)),
+        "max_length": data_cfg.max_length, "truncated_share": truncated,
+        "class_counts": counts,
+        "rare_classes": {"min_rows": data_cfg.rare_class_min_rows, "classes": rare},
+        "example_text": texts[0] if texts else "",
+    }
+    if truncated > 0.05:
+        log.warning("%.1f%% of rows are longer than data.max_length=%d and get truncated "
+                    "(p95 = %d tokens): consider raising data.max_length", 100 * truncated,
+                    data_cfg.max_length, meta["token_length"]["p95"])
+    return meta
+
+
+def _class_counts(labels: Sequence[str]) -> Dict[str, int]:
+    names, counts = np.unique(np.asarray(labels), return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    return {str(names[i]): int(counts[i]) for i in order}
+
+
+def format_diagnostics(meta: Dict[str, Any]) -> str:
+    rows = meta["rows"]
+    lengths = ", ".join(f"{k}={v:.0f}" for k, v in meta["token_length"].items())
+    lines = [
+        f"data: {rows['train']} train / {rows['validation']} validation / {rows['test']} test rows,"
+        f" {meta['num_classes']} classes ({meta['num_label_slots']} label slots)",
+        f"tokens per row: {lengths}; truncated at {meta['max_length']}: "
+        f"{100 * meta['truncated_share']:.1f}%",
+    ]
+    if meta["rare_classes"]["classes"]:
+        rare = meta["rare_classes"]
+        lines.append(f"rare classes (< {rare['min_rows']} train rows): "
+                     f"{', '.join(rare['classes'][:20])}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the whole step
+
+
+def prepare_data(data_cfg, tokenizer) -> PreparedData:
+    splits, text_columns, split_report = load_splits(data_cfg)
+    label_map = build_label_map(splits["train"][data_cfg.label_column], data_cfg.max_classes,
+                                data_cfg.dummy_prefix)
+    splits = check_unknown_labels(splits, label_map, data_cfg.label_column,
+                                  data_cfg.unknown_label)
+    settings = serialization_settings(data_cfg, text_columns)
+    tokenized = tokenize_splits(splits, tokenizer, label_map, data_cfg, settings)
+    meta = diagnostics(splits, tokenized, tokenizer, data_cfg, settings, label_map)
+    meta["split"] = split_report
+    meta["serialization"] = settings
+    return PreparedData(raw=splits, tokenized=tokenized, label_map=label_map,
+                        text_columns=text_columns, metadata=meta)

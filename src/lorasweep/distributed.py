@@ -1,0 +1,142 @@
+"""Everything that knows about ranks. Nothing else in lorasweep reads RANK or WORLD_SIZE.
+
+Launchers (`deepspeed`, `torchrun`) put RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in
+the environment; a plain `python train.py` has none of them and is rank 0 of a world of 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from contextlib import contextmanager
+from typing import Iterator, List
+
+log = logging.getLogger(__name__)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_rank_zero() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """True when a launcher (deepspeed, torchrun) started this process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def strip_local_rank_arg(argv: List[str]) -> List[str]:
+    """Drop the `--local_rank=N` the deepspeed launcher appends (Hydra's parser rejects it).
+
+    The value is kept in LOCAL_RANK, where the launcher also puts it.
+    """
+    kept, skip_next = [], False
+    for i, arg in enumerate(argv):
+        if skip_next:
+            skip_next = False
+            continue
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip_next = True
+        else:
+            kept.append(arg)
+    return kept
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def set_single_rank_env() -> None:
+    """Make a launcher-less process a rank-0-of-1 world, which DeepSpeed needs to initialise."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def prepare_deepspeed_backend() -> dict:
+    """Set up the process state DeepSpeed needs; return extra TrainingArguments kwargs.
+
+    On CUDA the Trainer/accelerate do everything. On a CPU-only machine accelerate picks no
+    backend and reports world_size 1, so DeepSpeed's batch-size check fails; there we create the
+    accelerate state with gloo ourselves and tell the Trainer to use it (../shared/PLATFORM.md).
+    """
+    import torch
+
+    if not launched():
+        set_single_rank_env()
+    if torch.cuda.is_available():
+        return {}
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    from accelerate.state import PartialState
+
+    PartialState(backend="gloo")
+    return {"accelerator_config": {"use_configured_state": True}}
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. fills a cache), then the others run it (cache hits)."""
+    if not is_rank_zero():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_rank_zero():
+            barrier()
+
+
+def configure_logging(log_all_ranks: bool) -> None:
+    """Ranks other than 0 log warnings and errors only, unless `log_all_ranks` is set."""
+    import datasets
+    import transformers
+
+    quiet = not is_rank_zero() and not log_all_ranks
+    level = logging.WARNING if quiet else logging.INFO
+    logging.getLogger("lorasweep").setLevel(level)
+    transformers.utils.logging.set_verbosity(logging.ERROR if quiet else logging.WARNING)
+    datasets.utils.logging.set_verbosity(logging.ERROR if quiet else logging.WARNING)
+    if quiet:
+        datasets.disable_progress_bars()
+    if world_size() > 1:
+        prefix = f"[rank{rank()}] "
+        for handler in logging.getLogger().handlers:
+            if handler.formatter is not None and not handler.formatter._fmt.startswith("[rank"):
+                handler.setFormatter(logging.Formatter(prefix + handler.formatter._fmt))
+
+
+def destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def python_argv() -> List[str]:
+    return strip_local_rank_arg(sys.argv)

@@ -1,0 +1,146 @@
+"""Tokenizer, sequence-classification model (pretrained or random from a config), LoRA adapters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from lorasweep import distributed
+from lorasweep.data import LabelMap
+from lorasweep.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(model_cfg):
+    """The model's tokenizer, with a pad token (decoder models such as Qwen ship without one)."""
+    source = model_cfg.tokenizer_name_or_path or model_cfg.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source,
+                                                  trust_remote_code=model_cfg.trust_remote_code)
+    except OSError as exc:
+        raise ConfigError(f"model: cannot load a tokenizer from {source!r} "
+                          f"({' '.join(str(exc).split())[:200]})") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"model: tokenizer {source!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _label_kwargs(model_cfg, label_map: LabelMap, tokenizer) -> dict:
+    kwargs = dict(num_labels=len(label_map.labels), id2label=label_map.id2label,
+                  label2id=label_map.label2id, problem_type="single_label_classification",
+                  pad_token_id=tokenizer.pad_token_id)
+    if model_cfg.classifier_dropout is not None:
+        kwargs["classifier_dropout"] = model_cfg.classifier_dropout
+    return kwargs
+
+
+def random_base_model(model_cfg, cache_dir: str, seed: int) -> str:
+    """Materialise a random-weight model (`model.arch`) once as a local dir, and return its path.
+
+    From then on it loads through the same `from_pretrained` path as real weights (so ZeRO-3
+    partitions it at load), and the saved adapter's base is the same on every rank and every run.
+    """
+    arch = dict(model_cfg.arch)
+    key = hashlib.sha256(json.dumps([arch, seed], sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, "random_models", f"{arch['model_type']}-{key}")
+    with distributed.rank_zero_first():
+        if distributed.is_rank_zero() and not os.path.isfile(os.path.join(path, "config.json")):
+            config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_config(config)
+            tmp = f"{path}.tmp-{os.getpid()}"
+            model.save_pretrained(tmp)
+            os.replace(tmp, path)
+    return path
+
+
+def build_model(model_cfg, label_map: LabelMap, tokenizer, base_path: str):
+    """A sequence classifier with `num_labels` slots and the label names in its config.
+
+    Call after TrainingArguments exists: under ZeRO-3 `from_pretrained` then loads the weights
+    already partitioned across ranks.
+    """
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base_path, dtype=DTYPES[model_cfg.dtype], ignore_mismatched_sizes=True,
+            trust_remote_code=model_cfg.trust_remote_code,
+            **_label_kwargs(model_cfg, label_map, tokenizer))
+    except OSError as exc:
+        raise ConfigError(f"model.name_or_path={base_path!r}: cannot load "
+                          f"({' '.join(str(exc).split())[:200]})") from None
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def base_model_path(model_cfg, cache_dir: str, seed: int) -> str:
+    if model_cfg.arch is not None:
+        return random_base_model(model_cfg, cache_dir, seed)
+    return model_cfg.name_or_path
+
+
+def apply_lora(model, lora_cfg):
+    """Wrap the model in PEFT LoRA adapters; the classifier head stays fully trainable."""
+    if not lora_cfg.enable:
+        return model
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    peft_config = LoraConfig(
+        task_type=TaskType[lora_cfg.task_type], r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout, bias=lora_cfg.bias,
+        target_modules=list(lora_cfg.target_modules) if lora_cfg.target_modules else None,
+        modules_to_save=list(lora_cfg.modules_to_save),
+    )
+    try:
+        model = get_peft_model(model, peft_config)
+    except ValueError as exc:
+        raise ConfigError(f"lora.target_modules={lora_cfg.target_modules}: {exc}") from None
+    if distributed.is_rank_zero():
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}",
+                 100 * trainable / total)
+    return model
+
+
+def count_parameters(model) -> dict:
+    """Trainable and total parameter counts (ZeRO-3 aware: partitioned tensors report ds_numel)."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = getattr(param, "ds_numel", param.numel())
+        total += n
+        trainable += n if param.requires_grad else 0
+    return {"trainable": trainable, "total": total}
+
+
+def load_for_inference(run_dir: str):
+    """Rebuild a trained model from its run dir: base + adapter (or the full model), tokenizer."""
+    from lorasweep import outputs
+
+    cfg = outputs.load_run_config(run_dir)
+    meta = outputs.read_json(run_dir, outputs.MODEL_METADATA)
+    label_map = LabelMap.from_json(outputs.read_json(run_dir, outputs.LABEL_MAP))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, outputs.TOKENIZER_DIR))
+    adapter_dir = os.path.join(run_dir, outputs.ADAPTER_DIR)
+    if os.path.isdir(adapter_dir):
+        from peft import PeftModel
+
+        base_path = base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed)
+        if not os.path.isdir(base_path) and cfg.model.arch is None:
+            base_path = meta.get("base_model", base_path)
+        base = build_model(cfg.model, label_map, tokenizer, base_path)
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            os.path.join(run_dir, outputs.FULL_MODEL_DIR))
+    model.eval()
+    return model, tokenizer, label_map, cfg

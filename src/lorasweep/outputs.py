@@ -1,0 +1,58 @@
+"""The layout of a run dir, and the few helpers that read and write it.
+
+    <run_dir>/adapter/  (or model/ with lora=none)   tokenizer/   label_map.json
+             model_metadata.json  dataset_metadata.json  metrics.json  config.yaml  .hydra/
+             checkpoints/checkpoint-<step>/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+ADAPTER_DIR = "adapter"
+FULL_MODEL_DIR = "model"
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_DIR = "checkpoints"
+LABEL_MAP = "label_map.json"
+METRICS = "metrics.json"
+MODEL_METADATA = "model_metadata.json"
+DATASET_METADATA = "dataset_metadata.json"
+RUN_CONFIG = "config.yaml"
+
+
+def write_json(run_dir: str, name: str, payload: Any) -> str:
+    """Write JSON through a temp file + rename: a reader never sees half a file."""
+    path = os.path.join(run_dir, name)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=False, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(run_dir: str, name: str) -> Any:
+    with open(os.path.join(run_dir, name)) as fh:
+        return json.load(fh)
+
+
+def save_run_config(run_dir: str, cfg: DictConfig) -> str:
+    """The resolved config, which predict/export use to rebuild the model and the serializer."""
+    path = os.path.join(run_dir, RUN_CONFIG)
+    OmegaConf.save(cfg, path, resolve=True)
+    return path
+
+
+def load_run_config(run_dir: str) -> DictConfig:
+    path = os.path.join(run_dir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        from lorasweep.errors import UserError
+
+        raise UserError(f"run_dir={run_dir}: no {RUN_CONFIG}; is this a finished lorasweep run?")
+    from lorasweep.config import TrainConfig
+
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))

@@ -1,0 +1,181 @@
+"""One training run, start to finish: `run(cfg) -> metrics`. Works without Hydra (tests call it).
+
+validate -> tracker -> DeepSpeed dict -> TrainingArguments -> data (split, labels, tokenize)
+-> model + LoRA -> Trainer -> train (resume) -> evaluate -> save -> metrics files -> MLflow
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any, Dict
+
+import numpy as np
+
+from omegaconf import DictConfig
+from transformers import set_seed
+
+from lorasweep import __version__, distributed, outputs, reports
+from lorasweep.config import validate
+from lorasweep.data import PreparedData, format_diagnostics, prepare_data
+from lorasweep.deepspeed_config import build_deepspeed_config, zero_stage
+from lorasweep.errors import ConfigError
+from lorasweep.losses import build_loss
+from lorasweep.metrics import hierarchy_metrics
+from lorasweep.modeling import (apply_lora, base_model_path, build_model, count_parameters,
+                               load_tokenizer)
+from lorasweep.tracking import (Tracker, TrackingCallback, flatten_params, git_commit,
+                                resolve_uri, start_tracker)
+from lorasweep.training import (build_trainer, build_training_arguments, evaluate_split,
+                                find_resume_checkpoint, save_model)
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig, overrides: tuple = ()) -> Dict[str, Any]:
+    """Train, evaluate and save one model; return its metrics (also written to metrics.json)."""
+    validate(cfg)
+    distributed.configure_logging(cfg.log_all_ranks)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    set_seed(cfg.seed)
+    tracker = start_tracker(cfg.tracking)
+    status = "FAILED"
+    try:
+        tracker.log_params(flatten_params(cfg))
+        tracker.set_tags({"git_commit": git_commit(), "lorasweep_version": __version__,
+                          "hydra_overrides": " ".join(overrides) or "(none)",
+                          "world_size": distributed.world_size(),
+                          "zero_stage": zero_stage(build_deepspeed_config(cfg.deepspeed)),
+                          "run_dir": os.path.abspath(cfg.output_dir)})
+        metrics = train_and_save(cfg, tracker)
+        status = "FINISHED"
+    finally:
+        tracker.end(status)
+    if distributed.is_rank_zero():
+        print(run_summary(metrics, cfg, tracker), flush=True)
+    return metrics
+
+
+def run_summary(metrics: Dict[str, Any], cfg: DictConfig, tracker: Tracker) -> str:
+    """The closing table: eval/test metrics, the objective, where the outputs went."""
+    names = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "loss")
+    lines = ["", f"lorasweep: run finished in {metrics['wall_time_s']:.0f} s",
+             f"  {'metric':<18}{'validation':>12}{'test':>10}"]
+    for name in names:
+        lines.append(f"  {name:<18}{metrics.get('eval_' + name, float('nan')):>12.4f}"
+                     f"{metrics.get('test_' + name, float('nan')):>10.4f}")
+    lines.append(f"  objective {cfg.objective.metric} = {metrics.get(cfg.objective.metric)}")
+    lines.append(f"  outputs: {os.path.abspath(cfg.output_dir)}")
+    if tracker.run_id:
+        uri = tracker_uri(cfg)
+        lines.append(f"  MLflow run {tracker.run_id} in {uri}")
+        if uri.startswith("sqlite:"):
+            lines.append(f"  view it: mlflow ui --backend-store-uri {uri}")
+    return "\n".join(lines)
+
+
+def tracker_uri(cfg: DictConfig) -> str:
+    return resolve_uri(cfg.tracking)
+
+
+def train_and_save(cfg: DictConfig, tracker: Tracker) -> Dict[str, Any]:
+    run_dir = cfg.output_dir
+    started = time.perf_counter()
+    ds_config = build_deepspeed_config(cfg.deepspeed)
+    args = build_training_arguments(cfg.training, run_dir, cfg.seed, ds_config)
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer)
+    if distributed.is_rank_zero():
+        log.info("%s", format_diagnostics(data.metadata))
+        write_data_files(cfg, data, run_dir)
+    model = build_model(cfg.model, data.label_map, tokenizer,
+                        base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed))
+    model = apply_lora(model, cfg.lora)
+    loss_fn = build_loss(cfg.loss, data.tokenized["train"]["labels"], len(data.label_map.labels))
+    trainer = build_trainer(model, args, data.tokenized, tokenizer, loss_fn,
+                            [TrackingCallback(tracker)])
+    resume_from = find_resume_checkpoint(cfg.resume, run_dir)
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    eval_metrics, eval_probs = evaluate_split(trainer, data.tokenized["validation"], "eval")
+    test_metrics, test_probs = evaluate_split(trainer, data.tokenized["test"], "test")
+    save_model(trainer, run_dir, tokenizer, cfg.lora.enable)
+    metrics = {**train_result.metrics, **eval_metrics, **test_metrics}
+    labels = data.label_map.labels
+    test_pred, test_true = test_probs.argmax(axis=-1), np.asarray(data.tokenized["test"]["labels"])
+    hierarchy = hierarchy_metrics(test_pred, test_true, labels, cfg.metrics.hierarchy_prefixes)
+    metrics.update({f"test_{k}": v for k, v in hierarchy.items()})
+    metrics["resumed_from_step"] = _checkpoint_step(resume_from)
+    metrics["wall_time_s"] = time.perf_counter() - started
+    if distributed.is_rank_zero():
+        outputs.write_json(run_dir, outputs.METRICS, metrics)
+        outputs.write_json(run_dir, outputs.MODEL_METADATA, model_metadata(cfg, trainer, ds_config))
+        report_files = reports.write_reports(run_dir, test_pred, test_true, labels)
+        report_files += [
+            reports.write_predictions(run_dir, "validation", data.raw["validation"], eval_probs,
+                                      labels, cfg.data.label_column),
+            reports.write_predictions(run_dir, "test", data.raw["test"], test_probs, labels,
+                                      cfg.data.label_column)]
+        tracker.log_metrics(metrics)
+        log_artifacts(tracker, cfg, run_dir, report_files)
+    distributed.barrier()
+    return metrics
+
+
+def _checkpoint_step(path) -> int:
+    return int(os.path.basename(os.path.normpath(path)).split("-")[-1]) if path else 0
+
+
+def write_data_files(cfg: DictConfig, data: PreparedData, run_dir: str) -> None:
+    outputs.save_run_config(run_dir, cfg)
+    outputs.write_json(run_dir, outputs.LABEL_MAP, data.label_map.to_json())
+    outputs.write_json(run_dir, outputs.DATASET_METADATA, data.metadata)
+
+
+def model_metadata(cfg: DictConfig, trainer, ds_config) -> Dict[str, Any]:
+    """What actually trained: the engine class and ZeRO stage DeepSpeed reports, world size."""
+    wrapped = trainer.model_wrapped
+    engine_stage = (wrapped.zero_optimization_stage()
+                    if hasattr(wrapped, "zero_optimization_stage") else None)
+    return {
+        "base_model": base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed),
+        "model_class": type(trainer.accelerator.unwrap_model(trainer.model)).__name__,
+        "wrapped_model_class": type(wrapped).__name__,
+        "zero_stage_configured": zero_stage(ds_config),
+        "zero_stage_engine": engine_stage,
+        "world_size": trainer.args.world_size,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "lora": cfg.lora.enable,
+        "parameters": count_parameters(trainer.model),
+        "dtype": cfg.model.dtype,
+        "mixed_precision": cfg.training.mixed_precision,
+        "global_step": trainer.state.global_step,
+        "lorasweep_version": __version__,
+    }
+
+
+def log_artifacts(tracker: Tracker, cfg: DictConfig, run_dir: str, report_files) -> None:
+    for name in (outputs.RUN_CONFIG, outputs.LABEL_MAP, outputs.METRICS, outputs.MODEL_METADATA,
+                 outputs.DATASET_METADATA):
+        tracker.log_artifact(os.path.join(run_dir, name))
+    tracker.log_artifact(os.path.join(run_dir, ".hydra"), artifact_path="hydra")
+    for path in report_files:
+        tracker.log_artifact(path, artifact_path="reports")
+    if cfg.tracking.log_model:
+        for name in (outputs.ADAPTER_DIR, outputs.FULL_MODEL_DIR, outputs.TOKENIZER_DIR):
+            tracker.log_artifact(os.path.join(run_dir, name), artifact_path=name)
+
+
+def objective_value(metrics: Dict[str, Any], metric: str) -> float:
+    """The float an Optuna sweep maximises; NaN/inf fails the trial instead of ranking it."""
+    if metric not in metrics:
+        available = ", ".join(sorted(k for k in metrics if k.startswith(("eval_", "test_"))))
+        raise ConfigError(f"objective.metric={metric!r}: not among the run's metrics "
+                          f"({available})")
+    value = float(metrics[metric])
+    if not math.isfinite(value):
+        raise RuntimeError(f"objective {metric} is {value}: the run diverged")
+    return value

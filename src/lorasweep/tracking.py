@@ -1,0 +1,159 @@
+"""MLflow tracking from rank 0: one run per training, ended FINISHED or FAILED, never left RUNNING.
+
+The Trainer's own MLflowCallback is not used (`report_to="none"`): it would open a second run per
+rank and leave crashed runs RUNNING. `TrackingCallback` forwards the Trainer's logs instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import urllib.request
+from typing import Any, Dict, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
+
+from lorasweep import distributed
+from lorasweep.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_?key|access_?key)", re.IGNORECASE)
+MASK = "****"
+
+
+class Tracker:
+    """No-op tracker: ranks other than 0, `tracking=none`, or an unreachable optional server."""
+
+    run_id: Optional[str] = None
+
+    def log_params(self, params: Dict[str, Any]) -> None: ...
+    def set_tags(self, tags: Dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: Dict[str, float], step: Optional[int] = None) -> None: ...
+    def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None: ...
+    def end(self, status: str) -> None: ...
+
+
+class MlflowTracker(Tracker):
+    def __init__(self, uri: str, experiment_name: str, run_name: Optional[str]):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(uri)
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment_name
+        mlflow.set_experiment(experiment)
+        existing = os.environ.get("MLFLOW_RUN_ID")  # attach to a run made elsewhere (a sweep)
+        nested = os.environ.get("LORASWEEP_PARENT_RUN_ID")
+        self.run = mlflow.start_run(run_id=existing or None, run_name=run_name,
+                                    nested=bool(nested) and not existing,
+                                    parent_run_id=nested if nested and not existing else None)
+        self.run_id = self.run.info.run_id
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, experiment, uri)
+
+    def log_params(self, params):
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.mlflow.log_params(dict(items[i:i + 100]))
+
+    def set_tags(self, tags):
+        self.mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_metrics(self, metrics, step=None):
+        numeric = {_metric_name(k): float(v) for k, v in metrics.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numeric:
+            self.mlflow.log_metrics(numeric, step=step)
+
+    def log_artifact(self, path, artifact_path=None):
+        if os.path.isdir(path):
+            self.mlflow.log_artifacts(path, artifact_path=artifact_path)
+        elif os.path.isfile(path):
+            self.mlflow.log_artifact(path, artifact_path=artifact_path)
+
+    def end(self, status):
+        try:
+            self.mlflow.flush_async_logging()
+        finally:
+            self.mlflow.end_run(status=status)
+
+
+def _metric_name(key: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_\-./ ]", "_", key)
+
+
+def resolve_uri(tracking_cfg) -> str:
+    """tracking.uri, else MLFLOW_TRACKING_URI, else a sqlite store in the working directory."""
+    if tracking_cfg.uri:
+        return tracking_cfg.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{os.path.abspath('mlflow.db')}"
+
+
+def server_reachable(uri: str, timeout: float = 3.0) -> bool:
+    """For http(s) stores, ask the server's /health; local stores are always reachable."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start_tracker(tracking_cfg) -> Tracker:
+    """The rank-0 tracker for this run, or a no-op one. Raises ConfigError when a required
+    server is unreachable, before any training starts."""
+    if tracking_cfg.backend == "none" or not distributed.is_rank_zero():
+        return Tracker()
+    uri = resolve_uri(tracking_cfg)
+    if not server_reachable(uri):
+        if tracking_cfg.required:
+            raise ConfigError(f"tracking.uri={uri}: MLflow server unreachable "
+                              "(tracking.required=true)")
+        log.warning("MLflow server %s unreachable: this run trains and writes its files to the "
+                    "run dir, but nothing is logged to MLflow (params, metrics, artifacts)", uri)
+        return Tracker()
+    return MlflowTracker(uri, tracking_cfg.experiment_name, tracking_cfg.run_name)
+
+
+def flatten_params(cfg: DictConfig) -> Dict[str, str]:
+    """The resolved config as flat `a.b.c -> value` params, secrets masked."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    flat: Dict[str, str] = {}
+    _flatten(container, "", flat)
+    return flat
+
+
+def _flatten(node: Any, prefix: str, out: Dict[str, str]) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _flatten(value, f"{prefix}{key}.", out)
+        return
+    key = prefix[:-1]
+    leaf = key.rsplit(".", 1)[-1]
+    value = MASK if SECRET_KEY.search(leaf) and node not in (None, "") else node
+    out[key] = str(value)[:6000]
+
+
+def git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class TrackingCallback(TrainerCallback):
+    """Forward every Trainer log (loss, lr, eval metrics, speed, memory) to the tracker."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.tracker.log_metrics(logs, step=state.global_step)

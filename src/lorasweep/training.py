@@ -1,0 +1,119 @@
+"""TrainingArguments, the Trainer, resume, evaluation and saving."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import SequentialSampler
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from lorasweep import distributed, outputs
+from lorasweep.callbacks import SpeedMemoryCallback
+from lorasweep.metrics import compute_metrics
+
+log = logging.getLogger(__name__)
+
+# Keys of training.* that are ours, not TrainingArguments'.
+OWN_KEYS = ("mixed_precision", "extra")
+
+
+def build_training_arguments(train_cfg, run_dir: str, seed: int,
+                             ds_config: Optional[Dict[str, Any]]) -> TrainingArguments:
+    """Build before `from_pretrained`: with a ZeRO-3 dict, the model then loads partitioned."""
+    kwargs = {k: v for k, v in dict(train_cfg).items() if k not in OWN_KEYS}
+    kwargs.update(
+        output_dir=os.path.join(run_dir, outputs.CHECKPOINT_DIR),
+        bf16=train_cfg.mixed_precision == "bf16",
+        fp16=train_cfg.mixed_precision == "fp16",
+        seed=seed,
+        report_to="none",  # tracking.py logs from rank 0; the Trainer's MLflowCallback would not
+        label_names=["labels"],
+        include_num_input_tokens_seen="non_padding",
+        save_only_model=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    if train_cfg.eval_steps is None:
+        kwargs.pop("eval_steps")
+    if ds_config is not None:
+        kwargs.update(deepspeed=ds_config, **distributed.prepare_deepspeed_backend())
+    kwargs.update(dict(train_cfg.extra))
+    return TrainingArguments(**kwargs)
+
+
+class OrderedEvalTrainer(Trainer):
+    """A Trainer whose evaluation and `predict` keep the dataset's row order.
+
+    With `train_sampling_strategy=group_by_length`, transformers 5 also length-groups (shuffles)
+    evaluation batches, so `predict()` output no longer lines up with the rows. Metrics would not
+    care, but per-row predictions would be silently wrong (../shared/PLATFORM.md). On N ranks the
+    Trainer already uses an ordered, sharded sampler.
+    """
+
+    def _get_eval_sampler(self, eval_dataset):
+        if eval_dataset is None or self.args.world_size > 1:
+            return None
+        return SequentialSampler(eval_dataset)
+
+
+def build_trainer(model, args: TrainingArguments, tokenized, tokenizer, loss_fn,
+                  callbacks: List) -> Trainer:
+    collator = DataCollatorWithPadding(tokenizer)
+    return OrderedEvalTrainer(
+        model=model, args=args, train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"], data_collator=collator,
+        processing_class=tokenizer, compute_metrics=compute_metrics,
+        compute_loss_func=loss_fn, callbacks=[SpeedMemoryCallback(), *callbacks],
+    )
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """The Trainer writes trainer_state.json last: a dir without it died while being written."""
+    return os.path.isfile(os.path.join(path, "trainer_state.json"))
+
+
+def find_resume_checkpoint(resume: str, run_dir: str) -> Optional[str]:
+    """`auto`: the newest complete checkpoint in the run dir; `never`: None; else that path."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        return resume
+    ckpt_dir = os.path.join(run_dir, outputs.CHECKPOINT_DIR)
+    if not os.path.isdir(ckpt_dir):
+        return None
+    candidates = []
+    for name in os.listdir(ckpt_dir):
+        path = os.path.join(ckpt_dir, name)
+        if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and name.split("-")[-1].isdigit():
+            if is_complete_checkpoint(path):
+                candidates.append((int(name.split("-")[-1]), path))
+            else:
+                log.warning("ignoring incomplete checkpoint %s", path)
+    return max(candidates)[1] if candidates else None
+
+
+def evaluate_split(trainer: Trainer, dataset, prefix: str) -> tuple[Dict[str, float], np.ndarray]:
+    """Metrics and class probabilities, one row per dataset row, in dataset order."""
+    result = trainer.predict(dataset, metric_key_prefix=prefix)
+    logits = result.predictions[0] if isinstance(result.predictions, tuple) else result.predictions
+    return result.metrics, softmax(logits)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted.astype(np.float64))
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def save_model(trainer: Trainer, run_dir: str, tokenizer, lora_enabled: bool) -> str:
+    """Save the adapter (LoRA) or the full model, and the tokenizer. Every rank must call this:
+    under ZeRO-3 the weights are gathered from all ranks; only rank 0 writes."""
+    target = os.path.join(run_dir, outputs.ADAPTER_DIR if lora_enabled else outputs.FULL_MODEL_DIR)
+    trainer.save_model(target)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(os.path.join(run_dir, outputs.TOKENIZER_DIR))
+    return target

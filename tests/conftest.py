@@ -1,0 +1,54 @@
+"""Shared fixtures: compose the real config tree, run the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Sequence
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TRAIN = ROOT / "src" / "lorasweep" / "train.py"
+SMOKE = ["model=tiny_bert", "training=smoke", "tracking=none"]
+
+
+def compose_cfg(overrides: Sequence[str] = (), output_dir: str | None = None) -> DictConfig:
+    """The real config tree, composed as Hydra would (minus the hydra: node's runtime values)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.output_dir = str(output_dir)
+    return cfg
+
+
+def cli_env(tmp_path: Path) -> dict:
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_cli(args: List[str], tmp_path: Path, launcher: Sequence[str] = (sys.executable,),
+            timeout: int = 600, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `<launcher> src/lorasweep/train.py <args>` from the repo root."""
+    cmd = [*launcher, str(TRAIN), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}"
+                             f"\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"
