@@ -62,7 +62,12 @@ class PreparedData:
     tokenized: datasets.DatasetDict  # input_ids, attention_mask, (token_type_ids), labels
     label_map: LabelMap
     text_columns: List[str]
+    serialization: Dict[str, Any]
     metadata: Dict[str, Any] = field(default_factory=dict)
+
+    def texts(self, split: str) -> List[str]:
+        """The serialized text of every row of a split, as the model saw it (untruncated)."""
+        return serialize_batch(self.raw[split].to_dict(), self.serialization)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -473,4 +478,4 @@ def prepare_data(data_cfg, tokenizer) -> PreparedData:
     meta["split"] = split_report
     meta["serialization"] = settings
     return PreparedData(raw=splits, tokenized=tokenized, label_map=label_map,
-                        text_columns=text_columns, metadata=meta)
+                        text_columns=text_columns, serialization=settings, metadata=meta)

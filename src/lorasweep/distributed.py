@@ -102,7 +102,10 @@ def barrier() -> None:
 
 @contextmanager
 def rank_zero_first() -> Iterator[None]:
-    """Rank 0 runs the block first (e.g. fills a cache), then the others run it (cache hits)."""
+    """Rank 0 runs the block first (e.g. fills a cache), then the others run it (cache hits).
+
+    Collective: every rank must enter it, the same number of times, or the barriers pair up wrong.
+    """
     if not is_rank_zero():
         barrier()
     try:
@@ -138,5 +141,43 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def python_argv() -> List[str]:
-    return strip_local_rank_arg(sys.argv)
+def init_launched_process_group() -> None:
+    """Join the launcher's process group now (gloo on CPU, nccl on GPU) so ranks can agree on
+    things before Hydra starts; accelerate and DeepSpeed reuse this group later."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()))
+    else:
+        dist.init_process_group("gloo")
+
+
+def broadcast_from_rank_zero(value):
+    import torch.distributed as dist
+
+    payload = [value if is_rank_zero() else None]
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def agree_on_run_dir(argv: List[str], default_dir) -> List[str]:
+    """Give every rank the same Hydra run dir, and keep ranks > 0 from writing into it.
+
+    Hydra's `${now:...}` resolves separately in each rank, which would give each rank its own dir
+    (lightning-hydra-template #393). Rank 0 picks the dir (`default_dir()`, unless the command
+    names one) and broadcasts it; the others get `hydra.output_subdir=null` (no .hydra/ copy) and
+    log to stdout instead of the run dir's log file.
+    """
+    if world_size() <= 1 or any(a.startswith("hydra.run.dir=") for a in argv):
+        chosen = None
+    else:
+        init_launched_process_group()
+        chosen = broadcast_from_rank_zero(default_dir() if is_rank_zero() else None)
+    extra = [f"hydra.run.dir={chosen}"] if chosen else []
+    if not is_rank_zero():
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    return argv + extra

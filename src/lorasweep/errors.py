@@ -36,18 +36,37 @@ def _hydra_user_errors() -> tuple:
     return (UserError, HydraException, OmegaConfBaseException)
 
 
+# Parts of Hydra/OmegaConf messages that say nothing to a user of this tool.
+NOISE = [
+    re.compile(r"\s*Config search path:.*", re.DOTALL),
+    re.compile(r"\s*(reference|object)_type=\S+"),
+    re.compile(r"To append to your config use \S+"),
+    re.compile(r"Error merging override \S+"),
+    re.compile(r"\bbase_\w+\s*"),  # the schema entries of each group are not user options
+]
+
+
 def one_line(exc: BaseException) -> str:
     """Collapse an exception (and the OmegaConf cause Hydra wraps) into one readable line."""
     parts = [str(exc)]
     cause = exc.__cause__
     if cause is not None and str(cause) not in parts[0]:
         parts.append(str(cause))
-    text = " ".join(" ".join(parts).split())
-    text = text.replace("To append to your config use", "(to add a new key use")
+    text = " ".join(parts)
+    for pattern in NOISE:
+        text = pattern.sub(" ", text)
+    text = " ".join(text.split())
+    text = re.sub(r"Available options in '(\w+)': (.*)$",
+                  lambda m: f"(options for {m.group(1)}: {', '.join(m.group(2).split())})", text)
     for old, new in RENAMED_KEYS.items():
         if re.search(rf"\b{old}\b", text):
             text += f" -- '{old}' was removed: use {new}"
     return text
+
+
+def exit_with_user_error(exc: BaseException) -> None:
+    print(f"lorasweep: error: {one_line(exc)}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
 
 
 def run_cli(entry: Callable[[], object]) -> None:
@@ -57,5 +76,4 @@ def run_cli(entry: Callable[[], object]) -> None:
     try:
         entry()
     except _hydra_user_errors() as exc:
-        print(f"lorasweep: error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        exit_with_user_error(exc)

@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from filelock import FileLock
+from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification,
+                          AutoTokenizer)
 
 from lorasweep import distributed
 from lorasweep.data import LabelMap
@@ -48,15 +50,19 @@ def random_base_model(model_cfg, cache_dir: str, seed: int) -> str:
 
     From then on it loads through the same `from_pretrained` path as real weights (so ZeRO-3
     partitions it at load), and the saved adapter's base is the same on every rank and every run.
+    Call it before TrainingArguments exists: under ZeRO-3, model creation afterwards is a
+    collective (zero.Init). A file lock, not a barrier, so it works before any process group.
     """
     arch = dict(model_cfg.arch)
     key = hashlib.sha256(json.dumps([arch, seed], sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, "random_models", f"{arch['model_type']}-{key}")
-    with distributed.rank_zero_first():
-        if distributed.is_rank_zero() and not os.path.isfile(os.path.join(path, "config.json")):
+    path = os.path.join(cache_dir, "random_models", f"{arch['model_type']}-{key}-headless")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with FileLock(path + ".lock"):
+        if not os.path.isfile(os.path.join(path, "config.json")):
             config = AutoConfig.for_model(arch.pop("model_type"), **arch)
             torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_config(config)
+            # Headless, like a pretrained checkpoint: the classifier is sized at load time.
+            model = AutoModel.from_config(config)
             tmp = f"{path}.tmp-{os.getpid()}"
             model.save_pretrained(tmp)
             os.replace(tmp, path)

@@ -84,14 +84,14 @@ def train_and_save(cfg: DictConfig, tracker: Tracker) -> Dict[str, Any]:
     run_dir = cfg.output_dir
     started = time.perf_counter()
     ds_config = build_deepspeed_config(cfg.deepspeed)
+    base_path = base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed)  # before ZeRO-3 is on
     args = build_training_arguments(cfg.training, run_dir, cfg.seed, ds_config)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer)
     if distributed.is_rank_zero():
         log.info("%s", format_diagnostics(data.metadata))
         write_data_files(cfg, data, run_dir)
-    model = build_model(cfg.model, data.label_map, tokenizer,
-                        base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed))
+    model = build_model(cfg.model, data.label_map, tokenizer, base_path)
     model = apply_lora(model, cfg.lora)
     loss_fn = build_loss(cfg.loss, data.tokenized["train"]["labels"], len(data.label_map.labels))
     trainer = build_trainer(model, args, data.tokenized, tokenizer, loss_fn,
@@ -112,13 +112,13 @@ def train_and_save(cfg: DictConfig, tracker: Tracker) -> Dict[str, Any]:
     metrics["wall_time_s"] = time.perf_counter() - started
     if distributed.is_rank_zero():
         outputs.write_json(run_dir, outputs.METRICS, metrics)
-        outputs.write_json(run_dir, outputs.MODEL_METADATA, model_metadata(cfg, trainer, ds_config))
+        outputs.write_json(run_dir, outputs.MODEL_METADATA,
+                           model_metadata(cfg, trainer, ds_config, base_path))
         report_files = reports.write_reports(run_dir, test_pred, test_true, labels)
         report_files += [
-            reports.write_predictions(run_dir, "validation", data.raw["validation"], eval_probs,
-                                      labels, cfg.data.label_column),
-            reports.write_predictions(run_dir, "test", data.raw["test"], test_probs, labels,
-                                      cfg.data.label_column)]
+            reports.write_predictions(run_dir, split, data.raw[split], data.texts(split), probs,
+                                      labels, cfg.data.label_column)
+            for split, probs in (("validation", eval_probs), ("test", test_probs))]
         tracker.log_metrics(metrics)
         log_artifacts(tracker, cfg, run_dir, report_files)
     distributed.barrier()
@@ -135,13 +135,13 @@ def write_data_files(cfg: DictConfig, data: PreparedData, run_dir: str) -> None:
     outputs.write_json(run_dir, outputs.DATASET_METADATA, data.metadata)
 
 
-def model_metadata(cfg: DictConfig, trainer, ds_config) -> Dict[str, Any]:
+def model_metadata(cfg: DictConfig, trainer, ds_config, base_path: str) -> Dict[str, Any]:
     """What actually trained: the engine class and ZeRO stage DeepSpeed reports, world size."""
     wrapped = trainer.model_wrapped
     engine_stage = (wrapped.zero_optimization_stage()
                     if hasattr(wrapped, "zero_optimization_stage") else None)
     return {
-        "base_model": base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed),
+        "base_model": base_path,
         "model_class": type(trainer.accelerator.unwrap_model(trainer.model)).__name__,
         "wrapped_model_class": type(wrapped).__name__,
         "zero_stage_configured": zero_stage(ds_config),

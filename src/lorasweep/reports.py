@@ -96,8 +96,8 @@ def plot_per_class_f1(path: str, rows: List[dict]) -> None:
     plt.close(fig)
 
 
-def write_predictions(run_dir: str, split: str, rows, probabilities: np.ndarray,
-                      labels: List[str], label_column: str) -> str:
+def write_predictions(run_dir: str, split: str, rows, texts: List[str],
+                      probabilities: np.ndarray, labels: List[str], label_column: str) -> str:
     """Per-row predictions of a split, in the split's row order: for error analysis, and the
     reference that a reloaded adapter must reproduce."""
     import pandas as pd
@@ -107,6 +107,7 @@ def write_predictions(run_dir: str, split: str, rows, probabilities: np.ndarray,
     pred = probabilities.argmax(axis=-1)
     frame = pd.DataFrame({
         "row": np.arange(len(pred)),
+        "text": texts,
         "label": rows[label_column],
         "pred_label": [labels[i] for i in pred],
         "pred_score": probabilities.max(axis=-1),

@@ -16,11 +16,13 @@ if __package__ in (None, ""):
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from lorasweep import config as _config  # noqa: E402,F401  (registers the schemas)
-from lorasweep.distributed import strip_local_rank_arg  # noqa: E402
-from lorasweep.errors import run_cli  # noqa: E402
+from lorasweep.distributed import (agree_on_run_dir, destroy_process_group,  # noqa: E402
+                                   strip_local_rank_arg)
+from lorasweep.errors import UserError, exit_with_user_error, run_cli  # noqa: E402
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "conf")
@@ -30,13 +32,32 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 def main(cfg: DictConfig) -> float:
     from lorasweep.pipeline import objective_value, run
 
-    metrics = run(cfg, overrides=tuple(HydraConfig.get().overrides.task))
-    return objective_value(metrics, cfg.objective.metric)
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    try:
+        metrics = run(cfg, overrides=tuple(hydra_cfg.overrides.task) if hydra_cfg else ())
+        return objective_value(metrics, cfg.objective.metric)
+    except UserError as exc:
+        if hydra_cfg is None or hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # in a sweep, the sweeper records the trial as failed and goes on
+        exit_with_user_error(exc)
+
+
+def default_run_dir() -> str:
+    """Rank 0's choice of run dir for a launched run: `hydra.run.dir` as the config sets it."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+        return str(cfg.hydra.run.dir)
 
 
 def cli() -> None:
-    sys.argv = strip_local_rank_arg(sys.argv)
-    run_cli(main)
+    sys.argv = agree_on_run_dir(strip_local_rank_arg(sys.argv), default_run_dir)
+    try:
+        run_cli(main)
+    finally:
+        destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,59 @@
+"""End-to-end runs of the real CLI on tiny models: files written, objective returned, and the
+saved adapter + tokenizer + label map reproduce the in-process predictions."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import compose_cfg, run_cli
+from lorasweep import outputs
+from lorasweep.inference import predict_probabilities
+from lorasweep.modeling import load_for_inference
+
+METRIC_KEYS = ["eval_accuracy", "eval_f1_macro", "eval_f1_weighted", "eval_precision_macro",
+               "eval_recall_macro", "test_accuracy", "test_f1_macro", "train_loss"]
+
+
+def assert_reload_reproduces_predictions(run_dir):
+    model, tokenizer, label_map, cfg = load_for_inference(str(run_dir))
+    saved = pd.read_csv(run_dir / "reports" / "predictions_validation.csv",
+                        dtype={"label": str, "pred_label": str})
+    probs = predict_probabilities(model, tokenizer, saved["text"].tolist(), cfg.data.max_length,
+                                  batch_size=16)
+    assert [label_map.labels[i] for i in probs.argmax(-1)] == saved["pred_label"].tolist()
+    np.testing.assert_allclose(probs.max(-1), saved["pred_score"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny_bert", "tiny_qwen2"])
+def test_smoke_run_writes_outputs_and_the_adapter_reloads(model, tmp_path):
+    run = tmp_path / "run"
+    run_cli([f"model={model}", "training=smoke", "tracking=none", f"hydra.run.dir={run}",
+             f"data.cache_dir={tmp_path / 'cache'}"], tmp_path, check=True)
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+                 "tokenizer/tokenizer.json", "label_map.json", "metrics.json",
+                 "model_metadata.json", "dataset_metadata.json", "config.yaml",
+                 ".hydra/config.yaml", "reports/per_class_test.csv"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in METRIC_KEYS:
+        assert 0.0 <= metrics[key] <= 1.0 or key == "train_loss", key
+    label_map = json.loads((run / "label_map.json").read_text())
+    assert label_map["num_labels"] == 26 and label_map["id2label"]["0"] == "14100"
+    meta = json.loads((run / "model_metadata.json").read_text())
+    assert meta["global_step"] == 6 and meta["model_class"] == "PeftModelForSequenceClassification"
+    assert_reload_reproduces_predictions(run)
+
+
+@pytest.mark.slow
+def test_main_returns_the_objective_in_metrics_json(tmp_path):
+    from lorasweep.train import main
+
+    cfg = compose_cfg(["model=tiny_bert", "training=smoke", "tracking=none",
+                       "objective.metric=eval_accuracy", f"data.cache_dir={tmp_path / 'c'}"],
+                      output_dir=str(tmp_path / "run"))
+    value = main(cfg)
+    metrics = outputs.read_json(str(tmp_path / "run"), outputs.METRICS)
+    assert isinstance(value, float) and value == metrics["eval_accuracy"]
