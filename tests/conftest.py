@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import List, Sequence
 
+import numpy as np
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
@@ -52,3 +54,18 @@ def run_cli(args: List[str], tmp_path: Path, launcher: Sequence[str] = (sys.exec
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+def assert_reload_reproduces_predictions(run_dir: Path) -> None:
+    """The saved adapter + tokenizer + label map, reloaded with PEFT, give the predictions the
+    training process wrote for the validation split (reports/predictions_validation.csv)."""
+    from lorasweep.inference import predict_probabilities
+    from lorasweep.modeling import load_for_inference
+
+    model, tokenizer, label_map, cfg = load_for_inference(str(run_dir))
+    saved = pd.read_csv(run_dir / "reports" / "predictions_validation.csv",
+                        dtype={"label": str, "pred_label": str})
+    probs = predict_probabilities(model, tokenizer, saved["text"].tolist(), cfg.data.max_length,
+                                  batch_size=16)
+    assert [label_map.labels[i] for i in probs.argmax(-1)] == saved["pred_label"].tolist()
+    np.testing.assert_allclose(probs.max(-1), saved["pred_score"], rtol=1e-4, atol=1e-5)

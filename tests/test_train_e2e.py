@@ -3,27 +3,13 @@ saved adapter + tokenizer + label map reproduce the in-process predictions."""
 
 import json
 
-import numpy as np
-import pandas as pd
 import pytest
 
-from conftest import compose_cfg, run_cli
+from conftest import assert_reload_reproduces_predictions, compose_cfg, run_cli
 from lorasweep import outputs
-from lorasweep.inference import predict_probabilities
-from lorasweep.modeling import load_for_inference
 
 METRIC_KEYS = ["eval_accuracy", "eval_f1_macro", "eval_f1_weighted", "eval_precision_macro",
                "eval_recall_macro", "test_accuracy", "test_f1_macro", "train_loss"]
-
-
-def assert_reload_reproduces_predictions(run_dir):
-    model, tokenizer, label_map, cfg = load_for_inference(str(run_dir))
-    saved = pd.read_csv(run_dir / "reports" / "predictions_validation.csv",
-                        dtype={"label": str, "pred_label": str})
-    probs = predict_probabilities(model, tokenizer, saved["text"].tolist(), cfg.data.max_length,
-                                  batch_size=16)
-    assert [label_map.labels[i] for i in probs.argmax(-1)] == saved["pred_label"].tolist()
-    np.testing.assert_allclose(probs.max(-1), saved["pred_score"], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow

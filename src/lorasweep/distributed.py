@@ -73,24 +73,28 @@ def set_single_rank_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def prepare_deepspeed_backend() -> dict:
-    """Set up the process state DeepSpeed needs; return extra TrainingArguments kwargs.
+def prepare_backend(use_deepspeed: bool) -> dict:
+    """Set up the process state the Trainer needs; return extra TrainingArguments kwargs.
 
-    On CUDA the Trainer/accelerate do everything. On a CPU-only machine accelerate picks no
-    backend and reports world_size 1, so DeepSpeed's batch-size check fails; there we create the
-    accelerate state with gloo ourselves and tell the Trainer to use it (../shared/PLATFORM.md).
+    On CUDA, accelerate does everything. On a CPU-only machine it picks no backend: N launched
+    ranks would each train alone (world_size 1) and DeepSpeed's batch-size check fails. There we
+    create the accelerate state with gloo ourselves and tell the Trainer to use it
+    (../shared/PLATFORM.md): DeepSpeed then builds real ZeRO engines, plain runs train as DDP.
     """
     import torch
 
-    if not launched():
-        set_single_rank_env()
-    if torch.cuda.is_available():
+    if use_deepspeed and not launched():
+        set_single_rank_env()  # DeepSpeed needs a process group even for one process
+    if torch.cuda.is_available() or not (use_deepspeed or world_size() > 1):
         return {}
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     from accelerate.state import PartialState
 
-    PartialState(backend="gloo")
-    return {"accelerator_config": {"use_configured_state": True}}
+    if use_deepspeed:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+        return {"accelerator_config": {"use_configured_state": True}}
+    PartialState(cpu=True, backend="gloo")  # multi-CPU DDP
+    return {"use_cpu": True, "accelerator_config": {"use_configured_state": True}}
 
 
 def barrier() -> None:
@@ -164,20 +168,20 @@ def broadcast_from_rank_zero(value):
     return payload[0]
 
 
-def agree_on_run_dir(argv: List[str], default_dir) -> List[str]:
+def agree_on_run_dir(argv: List[str], resolve_run_dir) -> List[str]:
     """Give every rank the same Hydra run dir, and keep ranks > 0 from writing into it.
 
     Hydra's `${now:...}` resolves separately in each rank, which would give each rank its own dir
-    (lightning-hydra-template #393). Rank 0 picks the dir (`default_dir()`, unless the command
-    names one) and broadcasts it; the others get `hydra.output_subdir=null` (no .hydra/ copy) and
-    log to stdout instead of the run dir's log file.
+    (lightning-hydra-template #393). Rank 0 resolves the dir (`resolve_run_dir()`: the config's or
+    the command's `hydra.run.dir`) and broadcasts it; every rank then runs with that literal dir.
+    Ranks > 0 also get `hydra.output_subdir=null` (no .hydra/ copy) and log to stdout only.
     """
-    if world_size() <= 1 or any(a.startswith("hydra.run.dir=") for a in argv):
-        chosen = None
-    else:
-        init_launched_process_group()
-        chosen = broadcast_from_rank_zero(default_dir() if is_rank_zero() else None)
-    extra = [f"hydra.run.dir={chosen}"] if chosen else []
+    if world_size() <= 1:
+        return argv
+    init_launched_process_group()
+    chosen = broadcast_from_rank_zero(resolve_run_dir() if is_rank_zero() else None)
+    kept = [a for a in argv if not a.startswith("hydra.run.dir=")]
+    extra = [f"hydra.run.dir={chosen}"]
     if not is_rank_zero():
         extra += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
-    return argv + extra
+    return kept + extra

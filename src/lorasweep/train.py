@@ -42,8 +42,8 @@ def main(cfg: DictConfig) -> float:
         exit_with_user_error(exc)
 
 
-def default_run_dir() -> str:
-    """Rank 0's choice of run dir for a launched run: `hydra.run.dir` as the config sets it."""
+def resolve_run_dir() -> str:
+    """`hydra.run.dir` resolved once (rank 0 of a launched run), timestamps included."""
     from hydra import compose, initialize_config_dir
 
     overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
@@ -53,7 +53,7 @@ def default_run_dir() -> str:
 
 
 def cli() -> None:
-    sys.argv = agree_on_run_dir(strip_local_rank_arg(sys.argv), default_run_dir)
+    sys.argv = agree_on_run_dir(strip_local_rank_arg(sys.argv), resolve_run_dir)
     try:
         run_cli(main)
     finally:

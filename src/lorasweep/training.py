@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Dict, List, Optional
@@ -40,7 +41,8 @@ def build_training_arguments(train_cfg, run_dir: str, seed: int,
     if train_cfg.eval_steps is None:
         kwargs.pop("eval_steps")
     if ds_config is not None:
-        kwargs.update(deepspeed=ds_config, **distributed.prepare_deepspeed_backend())
+        kwargs["deepspeed"] = ds_config
+    kwargs.update(distributed.prepare_backend(use_deepspeed=ds_config is not None))
     kwargs.update(dict(train_cfg.extra))
     return TrainingArguments(**kwargs)
 
@@ -72,8 +74,13 @@ def build_trainer(model, args: TrainingArguments, tokenized, tokenizer, loss_fn,
 
 
 def is_complete_checkpoint(path: str) -> bool:
-    """The Trainer writes trainer_state.json last: a dir without it died while being written."""
-    return os.path.isfile(os.path.join(path, "trainer_state.json"))
+    """The Trainer writes trainer_state.json last (after weights, optimizer, DeepSpeed shards and
+    RNG states): a dir without a readable one died while being written."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as fh:
+            return "global_step" in json.load(fh)
+    except (OSError, ValueError):
+        return False
 
 
 def find_resume_checkpoint(resume: str, run_dir: str) -> Optional[str]:

@@ -1,0 +1,103 @@
+"""Real multi-rank runs on CPU: the `deepspeed` launcher (ZeRO-2/3 engines over gloo) and
+torchrun (DDP), one shared run dir written by rank 0 only, and kill + resume."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TRAIN, assert_reload_reproduces_predictions, cli_env, run_cli
+
+pytestmark = pytest.mark.slow
+
+DEEPSPEED = ("deepspeed", "--num_gpus", "2")
+TORCHRUN = ("torchrun", "--nproc_per_node", "2")
+RUN_FILES = {".hydra", "adapter", "checkpoints", "config.yaml", "dataset_metadata.json",
+             "label_map.json", "metrics.json", "model_metadata.json", "reports", "tokenizer",
+             "train.log"}
+
+
+def launched_run(launcher, overrides, tmp_path) -> Path:
+    """Run 2 ranks with a timestamped run dir pattern; return the one dir they agreed on."""
+    pattern = tmp_path / "runs" / "run_${now:%H-%M-%S_%f}"
+    proc = run_cli(["model=tiny_bert", "training=smoke", "tracking=none", *overrides,
+                    f"hydra.run.dir={pattern}"], tmp_path, launcher=launcher, check=True)
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, f"ranks wrote {len(runs)} run dirs: {runs}\n{proc.stdout[-2000:]}"
+    return runs[0]
+
+
+def assert_written_by_rank_zero_only(run: Path) -> None:
+    assert {p.name for p in run.iterdir()} == RUN_FILES
+    log = (run / "train.log").read_text()
+    assert "[rank0]" in log and "[rank1]" not in log
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_launcher_trains_a_zero_engine_on_two_ranks(stage, tmp_path):
+    run = launched_run(DEEPSPEED, [f"deepspeed=zero{stage}"], tmp_path)
+    meta = json.loads((run / "model_metadata.json").read_text())
+    assert meta["wrapped_model_class"] == "DeepSpeedEngine"
+    assert meta["zero_stage_engine"] == stage and meta["world_size"] == 2
+    assert_written_by_rank_zero_only(run)
+    # the adapter holds real weights, gathered from both ranks under ZeRO-3
+    assert (run / "adapter" / "adapter_model.safetensors").stat().st_size > 1000
+    assert_reload_reproduces_predictions(run)
+
+
+def test_torchrun_without_deepspeed_trains_as_ddp(tmp_path):
+    run = launched_run(TORCHRUN, ["deepspeed=none"], tmp_path)
+    meta = json.loads((run / "model_metadata.json").read_text())
+    assert meta["wrapped_model_class"] == "DistributedDataParallel" and meta["world_size"] == 2
+    assert_written_by_rank_zero_only(run)
+
+
+def test_local_rank_argument_is_accepted():
+    from lorasweep.distributed import strip_local_rank_arg
+
+    argv = ["train.py", "--local_rank=1", "lora.r=4", "--local_rank", "1"]
+    assert strip_local_rank_arg(argv) == ["train.py", "lora.r=4"]
+
+
+def first_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 240) -> Path:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        done = [p for p in (run / "checkpoints").glob("checkpoint-*")
+                if (p / "trainer_state.json").is_file()]
+        if done:
+            return done[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint appeared (launcher exit code {proc.poll()})")
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    args = [*DEEPSPEED, str(TRAIN), "model=tiny_bert", "training=smoke", "tracking=none",
+            "deepspeed=zero2", "training.max_steps=120", "training.save_strategy=steps",
+            "training.save_steps=10", "training.save_total_limit=2", f"hydra.run.dir={run}"]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(tmp_path), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        first_checkpoint(run, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        proc.wait()
+    assert not (run / "metrics.json").exists(), "the run finished before it could be killed"
+    saved = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*")
+                if (p / "trainer_state.json").is_file())
+
+    second = subprocess.run(args, cwd=ROOT, env=cli_env(tmp_path), capture_output=True,
+                            text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= saved >= 10
+    assert "resuming from" in second.stdout + second.stderr
+    meta = json.loads((run / "model_metadata.json").read_text())
+    assert meta["global_step"] == 120
+    state = json.loads((run / "checkpoints" / "checkpoint-120" / "trainer_state.json").read_text())
+    assert state["global_step"] == 120
