@@ -53,3 +53,47 @@ def build_deepspeed_config(ds_cfg) -> Optional[Dict[str, Any]]:
 
 def zero_stage(ds_config: Optional[Dict[str, Any]]) -> int:
     return 0 if not ds_config else int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def count_model_parameters(base_path: str, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(total parameters, largest layer's parameters) of the base model, from its config on the
+    meta device: nothing is loaded. Call before TrainingArguments turns ZeRO-3 init on. The
+    classifier head (hidden x labels) is left out; it is tiny next to the body."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(base_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return total, largest
+
+
+def estimate_model_state_memory(ds_config: Dict[str, Any], total_params: int,
+                                largest_layer_params: int, world_size: int) -> str:
+    """DeepSpeed's own estimate of per-GPU / per-node CPU memory for model states (weights,
+    gradients, Adam states) at this ZeRO stage and world size, as one line.
+
+    The estimators assume every weight trains (mixed precision); with LoRA only the adapters
+    carry gradients and optimizer states, so this is the upper bound on what the model needs.
+    """
+    zero = ds_config.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    offload_opt = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    offload_param = zero.get("offload_param", {}).get("device", "none") not in ("none", None)
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            total_params, largest_layer_params, num_gpus_per_node=world_size,
+            cpu_offload=offload_opt, cpu_offload_params=offload_param)
+    else:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        cpu, gpu = estimate_zero2_model_states_mem_needs(total_params,
+                                                         num_gpus_per_node=world_size,
+                                                         cpu_offload=offload_opt)
+    return (f"ZeRO-{stage} memory estimate for model states, {total_params / 1e6:.1f}M params on "
+            f"{world_size} rank(s): {gpu / 2**30:.2f} GiB per GPU, {cpu / 2**30:.2f} GiB CPU "
+            "(DeepSpeed estimator, full fine-tuning upper bound; LoRA needs less)")

@@ -20,7 +20,8 @@ from transformers import set_seed
 from lorasweep import __version__, distributed, outputs, reports
 from lorasweep.config import validate
 from lorasweep.data import PreparedData, format_diagnostics, prepare_data
-from lorasweep.deepspeed_config import build_deepspeed_config, zero_stage
+from lorasweep.deepspeed_config import (build_deepspeed_config, count_model_parameters,
+                                        estimate_model_state_memory, zero_stage)
 from lorasweep.errors import ConfigError
 from lorasweep.losses import build_loss
 from lorasweep.metrics import hierarchy_metrics
@@ -85,6 +86,10 @@ def train_and_save(cfg: DictConfig, tracker: Tracker) -> Dict[str, Any]:
     started = time.perf_counter()
     ds_config = build_deepspeed_config(cfg.deepspeed)
     base_path = base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed)  # before ZeRO-3 is on
+    if ds_config is not None and distributed.is_rank_zero():  # "will it fit", before loading
+        total, largest = count_model_parameters(base_path, cfg.model.trust_remote_code)
+        log.info("%s", estimate_model_state_memory(ds_config, total, largest,
+                                                   distributed.world_size()))
     args = build_training_arguments(cfg.training, run_dir, cfg.seed, ds_config)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer)
