@@ -32,7 +32,9 @@ def compose_cfg(overrides: Sequence[str] = (), output_dir: str | None = None) ->
 
 def cli_env(tmp_path: Path) -> dict:
     env = dict(os.environ)
-    env.pop("HYDRA_FULL_ERROR", None)
+    for name in ("HYDRA_FULL_ERROR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                 "MASTER_PORT", "MLFLOW_RUN_ID"):
+        env.pop(name, None)  # a test process must not pass its own rank or run to the CLI
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
