@@ -56,13 +56,18 @@ def test_torchrun_without_deepspeed_trains_as_ddp(tmp_path):
     assert_written_by_rank_zero_only(run)
 
 
-def test_local_rank_argument_is_accepted(monkeypatch):
+def test_local_rank_argument_is_accepted():
     from lorasweep.distributed import strip_local_rank_arg
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    argv = ["train.py", "--local_rank=1", "lora.r=4", "--local_rank", "1"]
-    assert strip_local_rank_arg(argv) == ["train.py", "lora.r=4"]
-    assert os.environ["LOCAL_RANK"] == "1"
+    saved = os.environ.pop("LOCAL_RANK", None)
+    try:
+        argv = ["train.py", "--local_rank=1", "lora.r=4", "--local_rank", "1"]
+        assert strip_local_rank_arg(argv) == ["train.py", "lora.r=4"]
+        assert os.environ["LOCAL_RANK"] == "1"
+    finally:  # the rest of this test process is rank-less again
+        os.environ.pop("LOCAL_RANK", None)
+        if saved is not None:
+            os.environ["LOCAL_RANK"] = saved
 
 
 def first_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 240) -> Path:
