@@ -15,6 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lorasweep import distributed, outputs
 from lorasweep.callbacks import SpeedMemoryCallback
+from lorasweep.errors import ConfigError
 from lorasweep.metrics import compute_metrics
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,11 @@ def build_training_arguments(train_cfg, run_dir: str, seed: int,
         kwargs["deepspeed"] = ds_config
     kwargs.update(distributed.prepare_backend(use_deepspeed=ds_config is not None))
     kwargs.update(dict(train_cfg.extra))
-    return TrainingArguments(**kwargs)
+    try:
+        return TrainingArguments(**kwargs)
+    except (TypeError, ValueError) as exc:  # e.g. an unknown key in training.extra
+        raise ConfigError(f"training: TrainingArguments rejected the settings: "
+                          f"{' '.join(str(exc).split())[:300]}") from None
 
 
 class OrderedEvalTrainer(Trainer):

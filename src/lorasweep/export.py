@@ -1,0 +1,106 @@
+"""Export a run as a plain transformers model: LoRA merged into the base weights, no peft needed.
+
+    python src/lorasweep/export.py run_dir=multirun/runs/X output=exported/ledger-classifier
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    model = AutoModelForSequenceClassification.from_pretrained("exported/ledger-classifier")
+
+The dir also holds lorasweep_serialization.json: the text columns, separator, etc. that turn a
+table row into the model's input text (lorasweep.data.serialize_row), and the max_length.
+"""
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    # Run as a script: make `lorasweep` importable and keep this directory off sys.path (see train.py).
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import shutil  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, Dict  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra.core.config_store import ConfigStore  # noqa: E402
+from omegaconf import MISSING, DictConfig  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from lorasweep.errors import ConfigError, UserError, exit_with_user_error, run_cli  # noqa: E402
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "conf")
+SERIALIZATION_FILE = "lorasweep_serialization.json"
+
+
+@dataclass
+class ExportConfig:
+    run_dir: str = MISSING
+    output: str = MISSING
+
+
+ConfigStore.instance().store(name="base_export", node=ExportConfig)
+
+
+def check_output_dir(path: str) -> None:
+    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+        raise ConfigError(f"output={path}: exists and is not an empty directory; "
+                          "choose a new path or remove it")
+
+
+def merged_model(model):
+    """The adapter folded into the base weights; a full-fine-tuned model is returned as is."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        # Also swaps each modules_to_save wrapper (the classifier head) for its trained copy.
+        model = model.merge_and_unload()
+    return model
+
+
+def export_run(run_dir: str, output: str) -> Dict[str, Any]:
+    """Write the merged model, tokenizer and serializer settings to `output`; a summary."""
+    from lorasweep import outputs
+    from lorasweep.modeling import load_for_inference
+    from lorasweep.predict import run_serialization
+
+    check_output_dir(output)
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"run_dir={run_dir}: not a directory")
+    model, tokenizer, label_map, cfg = load_for_inference(run_dir)
+    model = merged_model(model)
+    model.config.id2label = label_map.id2label
+    model.config.label2id = label_map.label2id
+    serialization = {**run_serialization(run_dir, cfg), "max_length": cfg.data.max_length,
+                     "label_column": cfg.data.label_column}
+    # Build in a sibling temp dir and rename: a crash never leaves a half-written export.
+    tmp = f"{os.path.abspath(output).rstrip(os.sep)}.tmp-{os.getpid()}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        outputs.write_json(tmp, SERIALIZATION_FILE, serialization)
+        if os.path.isdir(output):
+            os.rmdir(output)  # empty (checked above); rename cannot replace a directory
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"output": os.path.abspath(output), "model_class": type(model).__name__,
+            "num_labels": len(label_map.labels)}
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
+def main(cfg: DictConfig) -> Dict[str, Any]:
+    try:
+        summary = export_run(cfg.run_dir, cfg.output)
+    except (UserError, OmegaConfBaseException) as exc:
+        exit_with_user_error(exc)  # one line, exit 2 (Hydra would add its own line first)
+    print(f"lorasweep: exported {summary['model_class']} ({summary['num_labels']} labels) "
+          f"to {summary['output']}", flush=True)
+    return summary
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,217 @@
+"""Predict labels for a table with a trained run: the run's model, tokenizer, labels and serializer.
+
+    python src/lorasweep/predict.py run_dir=multirun/runs/X input=rows.csv output=preds.parquet
+    python src/lorasweep/predict.py run_dir=... input=rows.parquet output=preds.jsonl top_k=5
+
+Each output row is its input row plus pred_label, pred_score and top1_label, top1_score, ...
+Input rows are serialized with the same function and settings as the run's training rows.
+"""
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    # Run as a script: make `lorasweep` importable and keep this directory off sys.path (see train.py).
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, Dict, List, Optional  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra.core.config_store import ConfigStore  # noqa: E402
+from omegaconf import MISSING, DictConfig  # noqa: E402
+
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+
+from lorasweep.errors import (ConfigError, DataError, UserError,  # noqa: E402
+                              exit_with_user_error, run_cli)
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "conf")
+WRITERS = (".parquet", ".csv", ".jsonl")
+
+
+@dataclass
+class PredictConfig:
+    run_dir: str = MISSING
+    input: str = MISSING
+    output: str = MISSING
+    top_k: int = 3
+    batch_size: int = 64
+    max_length: Optional[int] = None  # None: the run's data.max_length
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    progress: bool = True
+
+
+ConfigStore.instance().store(name="base_predict", node=PredictConfig)
+
+
+def validate_request(cfg) -> None:
+    """Fail on bad settings before the (slow) model load, and before any output is written."""
+    ext = os.path.splitext(cfg.output)[1].lower()
+    if ext not in WRITERS:
+        raise ConfigError(f"output={cfg.output}: unsupported extension '{ext}' "
+                          f"(expected one of {', '.join(WRITERS)})")
+    for key in ("top_k", "batch_size"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]}: expected a positive integer")
+    if not os.path.isdir(cfg.run_dir):
+        raise ConfigError(f"run_dir={cfg.run_dir}: not a directory")
+
+
+def run_serialization(run_dir: str, cfg: DictConfig) -> Dict[str, Any]:
+    """The exact serializer settings the run trained with (text columns resolved)."""
+    from lorasweep import outputs
+    from lorasweep.data import serialization_settings
+
+    meta_path = os.path.join(run_dir, outputs.DATASET_METADATA)
+    if os.path.isfile(meta_path):
+        settings = outputs.read_json(run_dir, outputs.DATASET_METADATA).get("serialization")
+        if settings:
+            return settings
+    if not cfg.data.text_columns:  # "every column but the label" needs the training table
+        raise DataError(f"run_dir={run_dir}: no {outputs.DATASET_METADATA} with the text columns")
+    return serialization_settings(cfg.data, cfg.data.text_columns)
+
+
+def check_input_columns(columns: List[str], settings: Dict[str, Any], path: str) -> None:
+    missing = [c for c in settings["text_columns"] if c not in columns]
+    if missing:
+        raise DataError(f"input={path}: missing column(s) used in training: {', '.join(missing)} "
+                        f"(columns: {', '.join(columns)})")
+
+
+def top_k_frame(probabilities, labels: List[str], top_k: int):
+    """pred_label / pred_score and top<i>_label / top<i>_score columns, one row per input row."""
+    import numpy as np
+    import pandas as pd
+
+    k = min(top_k, probabilities.shape[1])
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    names = np.asarray(labels, dtype=object)
+    columns = {"pred_label": names[order[:, 0]],
+               "pred_score": np.take_along_axis(probabilities, order[:, :1], axis=1)[:, 0]}
+    for i in range(k):
+        columns[f"top{i + 1}_label"] = names[order[:, i]]
+        columns[f"top{i + 1}_score"] = np.take_along_axis(probabilities, order[:, i:i + 1],
+                                                          axis=1)[:, 0]
+    return pd.DataFrame(columns)
+
+
+def predict_table(model, tokenizer, labels: List[str], settings: Dict[str, Any], table,
+                  max_length: int, batch_size: int = 64, top_k: int = 3, progress: bool = False):
+    """The input rows (a `datasets.Dataset`) as a DataFrame, plus the prediction columns."""
+    import pandas as pd
+
+    from lorasweep.data import serialize_batch
+    from lorasweep.inference import predict_probabilities
+
+    texts = serialize_batch(table.to_dict(), settings)
+    probabilities = predict_probabilities(model, tokenizer, texts, max_length, batch_size,
+                                          progress=progress)
+    frame = table.to_pandas()
+    predictions = top_k_frame(probabilities, labels, top_k)
+    # Prediction columns replace same-named input columns (e.g. re-scoring a predictions file).
+    frame = frame.drop(columns=[c for c in predictions.columns if c in frame.columns])
+    return pd.concat([frame.reset_index(drop=True), predictions], axis=1)
+
+
+def label_metrics(frame, label_column: str, labels: List[str]) -> Optional[Dict[str, float]]:
+    """Accuracy and macro-F1 against the input's label column, when it has one."""
+    from lorasweep.data import label_to_text
+    from lorasweep.metrics import classification_metrics
+
+    if label_column not in frame.columns:
+        return None
+    label2id = {name: i for i, name in enumerate(labels)}
+    pairs = [(label_to_text(t), p) for t, p in zip(frame[label_column], frame["pred_label"])
+             if t is not None and str(t).strip() and str(t) != "nan"]
+    if not pairs:
+        return None
+    # A label the run never saw gets id -1: always wrong, and a class of its own in macro-F1.
+    references = [label2id.get(t, -1) for t, _ in pairs]
+    predictions = [label2id[p] for _, p in pairs]
+    result = classification_metrics(predictions, references)
+    return {"rows": len(pairs), "unknown_labels": sum(r < 0 for r in references),
+            "accuracy": result["accuracy"], "f1_macro": result["f1_macro"]}
+
+
+def write_table(frame, path: str) -> None:
+    """Write by extension through a temp file + rename: a failed run leaves no partial output."""
+    ext = os.path.splitext(path)[1].lower()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        if ext == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        elif ext == ".csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda: no CUDA device available")
+    return torch.device(name)
+
+
+def predict_file(cfg) -> Dict[str, Any]:
+    """Read `cfg.input`, predict with the run in `cfg.run_dir`, write `cfg.output`; a summary."""
+    from lorasweep import outputs
+    from lorasweep.data import read_table
+    from lorasweep.modeling import load_for_inference
+
+    validate_request(cfg)
+    table = read_table(cfg.input, "input")
+    # Check the columns before the (slow) model load.
+    settings = run_serialization(cfg.run_dir, outputs.load_run_config(cfg.run_dir))
+    check_input_columns(table.column_names, settings, cfg.input)
+    model, tokenizer, label_map, run_cfg = load_for_inference(cfg.run_dir)
+    model.to(pick_device(cfg.device))
+    max_length = cfg.max_length or run_cfg.data.max_length
+    frame = predict_table(model, tokenizer, label_map.labels, settings, table, max_length,
+                          cfg.batch_size, cfg.top_k, cfg.progress)
+    write_table(frame, cfg.output)
+    return {"rows": len(frame), "output": os.path.abspath(cfg.output),
+            "metrics": label_metrics(frame, run_cfg.data.label_column, label_map.labels),
+            "label_column": run_cfg.data.label_column}
+
+
+def format_summary(summary: Dict[str, Any]) -> str:
+    lines = [f"lorasweep: wrote {summary['rows']} predictions to {summary['output']}"]
+    metrics = summary["metrics"]
+    if metrics:
+        unknown = (f", {metrics['unknown_labels']} with labels the run never saw"
+                   if metrics["unknown_labels"] else "")
+        lines.append(f"  against column {summary['label_column']!r} ({metrics['rows']} rows"
+                     f"{unknown}): accuracy {metrics['accuracy']:.4f}, "
+                     f"macro-F1 {metrics['f1_macro']:.4f}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
+def main(cfg: DictConfig) -> Dict[str, Any]:
+    try:
+        summary = predict_file(cfg)
+    except (UserError, OmegaConfBaseException) as exc:
+        exit_with_user_error(exc)  # one line, exit 2 (Hydra would add its own line first)
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,175 @@
+"""predict.py and export.py on a real tiny run: per-row predictions in input order, output formats,
+one-line errors for bad input, and a merged export that predicts like the adapter model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT, SMOKE, cli_env, run_cli
+
+PREDICT = ROOT / "src" / "lorasweep" / "predict.py"
+EXPORT = ROOT / "src" / "lorasweep" / "export.py"
+LEDGER = ROOT / "data" / "sample_ledger" / "ledger.parquet"
+ATOL = 1e-6  # fp32 noise from padding a row in a batch versus running it alone
+
+
+def run_tool(script: Path, args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=cli_env(cwd),
+                          capture_output=True, text=True, timeout=600)
+
+
+def error_lines(proc: subprocess.CompletedProcess):
+    return [line for line in proc.stderr.splitlines() if line.startswith("lorasweep: error:")]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("predict_export")
+    run = tmp / "run"
+    # An absolute cache dir: predict/export rebuild the random base model from it, from any cwd.
+    # A high learning rate moves the head off its near-uniform init, so rows get distinct scores.
+    run_cli([*SMOKE, "training.learning_rate=0.05", "training.max_steps=12",
+             f"hydra.run.dir={run}", f"data.cache_dir={tmp / 'cache'}"], tmp, check=True)
+    return run
+
+
+@pytest.fixture(scope="module")
+def varied_input(trained_run) -> pd.DataFrame:
+    """Ledger rows with descriptions from 1 to ~150 words (some past max_length), shuffled."""
+    rows = pd.read_parquet(LEDGER).sample(48, random_state=7).reset_index(drop=True)
+    rng = np.random.default_rng(0)
+    repeats = rng.integers(0, 40, size=len(rows))
+    rows["description"] = [d + " extra" * int(n) for d, n in zip(rows["description"], repeats)]
+    return rows.sample(frac=1.0, random_state=3).reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def single_row_probabilities(trained_run, varied_input) -> np.ndarray:
+    """Each row predicted alone (batch of one, no padding), through the training serializer."""
+    from lorasweep.data import serialize_batch
+    from lorasweep.inference import predict_probabilities
+    from lorasweep.modeling import load_for_inference
+    from lorasweep.predict import run_serialization
+
+    model, tokenizer, _, cfg = load_for_inference(str(trained_run))
+    settings = run_serialization(str(trained_run), cfg)
+    texts = serialize_batch(varied_input.to_dict(orient="list"), settings)
+    return np.concatenate([predict_probabilities(model, tokenizer, [t], cfg.data.max_length)
+                           for t in texts])
+
+
+def read_output(path: Path) -> pd.DataFrame:
+    if path.suffix == ".csv":
+        return pd.read_csv(path, dtype={"acct_code": str, "pred_label": str, "top1_label": str,
+                                        "top2_label": str, "top3_label": str})
+    return pd.read_parquet(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ext", [".csv", ".parquet"])
+def test_each_row_gets_its_own_prediction(ext, trained_run, varied_input,
+                                          single_row_probabilities, tmp_path):
+    source, out = tmp_path / "rows.parquet", tmp_path / f"preds{ext}"
+    varied_input.to_parquet(source, index=False)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    proc = run_tool(PREDICT, [f"run_dir={trained_run}", f"input={source}", f"output={out}",
+                              "batch_size=8", "top_k=3"], workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accuracy" in proc.stdout and "macro-F1" in proc.stdout
+    assert list(workdir.iterdir()) == []  # no Hydra dir, log or cache left in the cwd
+    preds = read_output(out)
+    assert list(preds["vendor"]) == list(varied_input["vendor"])  # input order kept
+    assert list(preds["description"]) == list(varied_input["description"])
+    expected = single_row_probabilities
+    # Rows differ from each other by far more than the tolerance, so a misplaced row would fail.
+    separation = np.abs(expected[1:] - expected[:-1]).max(-1)
+    assert np.median(separation) > 100 * ATOL, separation
+    np.testing.assert_allclose(preds["top1_score"], expected.max(-1), atol=ATOL)
+    np.testing.assert_allclose(preds["pred_score"], preds["top1_score"])
+    second = np.sort(expected, axis=-1)[:, -2]
+    np.testing.assert_allclose(preds["top2_score"], second, atol=ATOL)
+    assert (preds["top1_score"] >= preds["top2_score"]).all()
+    assert (preds["top2_score"] >= preds["top3_score"]).all()
+
+
+@pytest.mark.slow
+def test_missing_column_is_one_line_error_and_no_output(trained_run, tmp_path):
+    source, out = tmp_path / "rows.csv", tmp_path / "preds.parquet"
+    pd.read_parquet(LEDGER).head(10).drop(columns=["vendor"]).to_csv(source, index=False)
+    proc = run_tool(PREDICT, [f"run_dir={trained_run}", f"input={source}", f"output={out}"],
+                    tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = error_lines(proc)
+    assert len(errors) == 1 and "vendor" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv"]
+
+
+@pytest.mark.slow
+def test_export_predicts_like_the_adapter_model(trained_run, varied_input, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lorasweep.data import serialize_batch
+    from lorasweep.inference import predict_probabilities
+    from lorasweep.modeling import load_for_inference
+    from lorasweep.predict import run_serialization
+
+    out = tmp_path / "exported"
+    proc = run_tool(EXPORT, [f"run_dir={trained_run}", f"output={out}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "adapter_config.json").exists()
+    plain = AutoModelForSequenceClassification.from_pretrained(out)
+    assert "Peft" not in type(plain).__name__ and plain.config.id2label[0] == "14100"
+    model, tokenizer, _, cfg = load_for_inference(str(trained_run))
+    texts = serialize_batch(varied_input.to_dict(orient="list"),
+                            run_serialization(str(trained_run), cfg))
+    expected = predict_probabilities(model, tokenizer, texts, cfg.data.max_length)
+    got = predict_probabilities(plain.eval(), AutoTokenizer.from_pretrained(out), texts,
+                                cfg.data.max_length)
+    np.testing.assert_allclose(got, expected, atol=ATOL)
+
+    again = run_tool(EXPORT, [f"run_dir={trained_run}", f"output={out}"], tmp_path)
+    assert again.returncode == 2 and len(error_lines(again)) == 1, again.stderr[-3000:]
+    assert "not an empty directory" in error_lines(again)[0]
+
+
+def test_top_k_columns_are_sorted_and_clipped_to_the_label_count():
+    from lorasweep.predict import top_k_frame
+
+    probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
+    frame = top_k_frame(probs, ["a", "b", "c"], top_k=5)
+    assert list(frame.columns) == ["pred_label", "pred_score", "top1_label", "top1_score",
+                                   "top2_label", "top2_score", "top3_label", "top3_score"]
+    assert list(frame["pred_label"]) == ["b", "a"] and list(frame["top3_label"]) == ["a", "b"]
+    np.testing.assert_allclose(frame["top2_score"], [0.2, 0.3])
+
+
+def test_label_metrics_count_unknown_labels_as_wrong():
+    from lorasweep.predict import label_metrics
+
+    frame = pd.DataFrame({"y": ["a", "b", "zz", None], "pred_label": ["a", "a", "b", "b"]})
+    metrics = label_metrics(frame, "y", ["a", "b"])
+    assert metrics["rows"] == 3 and metrics["unknown_labels"] == 1
+    assert metrics["accuracy"] == pytest.approx(1 / 3)
+    assert label_metrics(frame.drop(columns=["y"]), "y", ["a", "b"]) is None
+
+
+@pytest.mark.parametrize("ext", [".csv", ".parquet", ".jsonl"])
+def test_write_table_round_trips_each_format(ext, tmp_path):
+    from lorasweep.predict import write_table
+
+    frame = pd.DataFrame({"text": ["x", "y, z"], "pred_label": ["1", "2"], "score": [0.5, 0.25]})
+    path = tmp_path / f"out{ext}"
+    write_table(frame, str(path))
+    back = {".csv": lambda p: pd.read_csv(p, dtype={"pred_label": str}),
+            ".parquet": pd.read_parquet,
+            ".jsonl": lambda p: pd.read_json(p, lines=True, dtype={"pred_label": str})}[ext](path)
+    pd.testing.assert_frame_equal(back, frame)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind

@@ -1,0 +1,118 @@
+"""MLflow against a real `mlflow server` on loopback: one run per training (1 process or 2 ranks),
+status FINISHED/FAILED, params/metrics/artifacts; an unreachable server; masked secrets."""
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import compose_cfg, run_cli
+from lorasweep.tracking import MASK, flatten_params
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'store.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(uri + "/health", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("mlflow server did not start: " + (root / "server.log").read_text())
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def runs_of(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id]), client
+
+
+def artifact_names(client, run_id, path=None):
+    return {Path(a.path).name for a in client.list_artifacts(run_id, path)}
+
+
+def test_one_process_run_is_logged_once_and_finished(mlflow_server, tmp_path):
+    run_cli(["model=tiny_bert", "training=smoke", f"tracking.uri={mlflow_server}",
+             "tracking.experiment_name=one_proc", f"hydra.run.dir={tmp_path / 'run'}",
+             "+training.extra.hub_token=hf_secret_value"], tmp_path, check=True)
+    runs, client = runs_of(mlflow_server, "one_proc")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lora.r"] == "8" and run.data.params["model.arch.model_type"] == "bert"
+    assert run.data.params["training.extra.hub_token"] == MASK
+    for key in ("eval_f1_macro", "test_accuracy", "train_loss", "speed/tokens_per_sec",
+                "cpu/rss_mb"):
+        assert key in run.data.metrics, key
+    assert run.data.tags["world_size"] == "1" and run.data.tags["git_commit"]
+    names = artifact_names(client, run.info.run_id)
+    assert {"metrics.json", "label_map.json", "config.yaml", "dataset_metadata.json",
+            "model_metadata.json", "adapter", "reports", "hydra"} <= names
+    assert "confusion_matrix_test.png" in artifact_names(client, run.info.run_id, "reports")
+
+
+def test_two_rank_deepspeed_run_is_logged_once(mlflow_server, tmp_path):
+    run_cli(["model=tiny_bert", "training=smoke", "deepspeed=zero2",
+             f"tracking.uri={mlflow_server}", "tracking.experiment_name=two_ranks",
+             f"hydra.run.dir={tmp_path / 'run'}"], tmp_path,
+            launcher=("deepspeed", "--num_gpus", "2"), check=True)
+    runs, _ = runs_of(mlflow_server, "two_ranks")
+    assert len(runs) == 1
+    assert runs[0].info.status == "FINISHED"
+    assert runs[0].data.tags["world_size"] == "2" and runs[0].data.tags["zero_stage"] == "2"
+    assert "eval_f1_macro" in runs[0].data.metrics
+
+
+def test_a_run_that_raises_ends_failed(mlflow_server, tmp_path):
+    proc = run_cli(["model=tiny_bert", "training=smoke", f"tracking.uri={mlflow_server}",
+                    "tracking.experiment_name=failing", f"hydra.run.dir={tmp_path / 'run'}",
+                    "+training.extra.no_such_argument=1"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    runs, _ = runs_of(mlflow_server, "failing")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+
+
+def test_unreachable_server_warns_or_fails_before_training(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = run_cli(["model=tiny_bert", "training=smoke", f"tracking.uri={uri}",
+                    f"hydra.run.dir={tmp_path / 'a'}"], tmp_path, check=True)
+    assert "unreachable" in proc.stdout + proc.stderr and (tmp_path / "a" / "metrics.json").is_file()
+    proc = run_cli(["model=tiny_bert", "training=smoke", f"tracking.uri={uri}",
+                    "tracking.required=true", f"hydra.run.dir={tmp_path / 'b'}"], tmp_path)
+    assert proc.returncode == 2
+    assert f"tracking.uri={uri}: MLflow server unreachable" in proc.stderr
+    assert not (tmp_path / "b" / "label_map.json").exists()  # stopped before any data work
+
+
+def test_flatten_params_masks_secrets():
+    cfg = compose_cfg(["tracking.uri=http://x", "+training.extra.api_key=abc"], "/tmp/unused")
+    flat = flatten_params(cfg)
+    assert flat["training.extra.api_key"] == MASK and flat["lora.r"] == "8"
+    assert flat["tracking.uri"] == "http://x"
