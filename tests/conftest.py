@@ -14,6 +14,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+import lorasweep.config  # noqa: F401  (registers the schemas, as train.py does)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 TRAIN = ROOT / "src" / "lorasweep" / "train.py"
