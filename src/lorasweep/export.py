@@ -13,7 +13,7 @@ import os
 import sys
 
 if __package__ in (None, ""):
-    # Run as a script: make `lorasweep` importable and keep this directory off sys.path (see train.py).
+    # Run as a script: make `lorasweep` importable, keep this dir off sys.path (see train.py).
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import shutil  # noqa: E402

@@ -22,7 +22,7 @@ from lorasweep.config import validate
 from lorasweep.data import PreparedData, format_diagnostics, prepare_data
 from lorasweep.deepspeed_config import (build_deepspeed_config, count_model_parameters,
                                         estimate_model_state_memory, zero_stage)
-from lorasweep.errors import ConfigError
+from lorasweep.errors import ConfigError, one_line
 from lorasweep.losses import build_loss
 from lorasweep.metrics import hierarchy_metrics
 from lorasweep.modeling import (apply_lora, base_model_path, build_model, count_parameters,
@@ -52,6 +52,9 @@ def run(cfg: DictConfig, overrides: tuple = ()) -> Dict[str, Any]:
                           "run_dir": os.path.abspath(cfg.output_dir)})
         metrics = train_and_save(cfg, tracker)
         status = "FINISHED"
+    except BaseException as exc:
+        tracker.set_tags({"failure_reason": one_line(exc)[:5000]})
+        raise
     finally:
         tracker.end(status)
     if distributed.is_rank_zero():

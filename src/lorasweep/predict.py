@@ -11,7 +11,7 @@ import os
 import sys
 
 if __package__ in (None, ""):
-    # Run as a script: make `lorasweep` importable and keep this directory off sys.path (see train.py).
+    # Run as a script: make `lorasweep` importable, keep this dir off sys.path (see train.py).
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from dataclasses import dataclass  # noqa: E402
@@ -20,11 +20,9 @@ from typing import Any, Dict, List, Optional  # noqa: E402
 import hydra  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import MISSING, DictConfig  # noqa: E402
-
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from lorasweep.errors import (ConfigError, DataError, UserError,  # noqa: E402
-                              exit_with_user_error, run_cli)
+from lorasweep.errors import ConfigError, DataError, UserError, exit_with_user_error, run_cli  # noqa: E402
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "conf")

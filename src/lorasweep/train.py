@@ -21,7 +21,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from lorasweep import config as _config  # noqa: E402,F401  (registers the schemas)
 from lorasweep.distributed import (agree_on_run_dir, destroy_process_group,  # noqa: E402
-                                   strip_local_rank_arg)
+                                   launched, strip_local_rank_arg)
 from lorasweep.errors import UserError, exit_with_user_error, run_cli  # noqa: E402
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -33,8 +33,15 @@ def main(cfg: DictConfig) -> float:
     from lorasweep.pipeline import objective_value, run
 
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    overrides = tuple(hydra_cfg.overrides.task) if hydra_cfg else ()
     try:
-        metrics = run(cfg, overrides=tuple(hydra_cfg.overrides.task) if hydra_cfg else ())
+        if cfg.distributed.nproc_per_node > 1 and not launched():
+            from lorasweep.launcher import run_launched
+
+            metrics = run_launched(cfg.distributed.launcher, cfg.distributed.nproc_per_node,
+                                   overrides, cfg.output_dir)
+        else:
+            metrics = run(cfg, overrides=overrides)
         return objective_value(metrics, cfg.objective.metric)
     except UserError as exc:
         if hydra_cfg is None or hydra_cfg.mode == RunMode.MULTIRUN:
@@ -52,8 +59,19 @@ def resolve_run_dir() -> str:
         return str(cfg.hydra.run.dir)
 
 
+def refuse_sweep_inside_launcher(argv) -> None:
+    """A sweeper in every rank would sample different parameters per rank."""
+    if launched() and any(a in ("-m", "--multirun") for a in argv):
+        exit_with_user_error(UserError(
+            "a sweep (-m) cannot run inside the deepspeed/torchrun launcher: every rank would "
+            "sample its own parameters. Run the sweep in one process and let each trial launch "
+            "its ranks: python src/lorasweep/train.py -m ... distributed.nproc_per_node=N"))
+
+
 def cli() -> None:
-    sys.argv = agree_on_run_dir(strip_local_rank_arg(sys.argv), resolve_run_dir)
+    argv = strip_local_rank_arg(sys.argv)
+    refuse_sweep_inside_launcher(argv)
+    sys.argv = agree_on_run_dir(argv, resolve_run_dir)
     try:
         run_cli(main)
     finally:
