@@ -25,9 +25,10 @@ TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.p
 
 def launcher_command(launcher: str, nproc: int, overrides: Sequence[str], run_dir: str) -> List[str]:
     # The child trains once on N ranks in this job's run dir; it must not spawn again.
-    args = [a for a in overrides if not a.startswith(("hydra.run.dir=",
+    # hydra.mode=RUN: an overlay such as hparams_search=... would otherwise make it sweep again.
+    args = [a for a in overrides if not a.startswith(("hydra.run.dir=", "hydra.mode=",
                                                       "distributed.nproc_per_node="))]
-    args += [f"hydra.run.dir={run_dir}", "distributed.nproc_per_node=1"]
+    args += [f"hydra.run.dir={run_dir}", "hydra.mode=RUN", "distributed.nproc_per_node=1"]
     if launcher == "torchrun":
         head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_port", str(_free_port())]

@@ -37,14 +37,14 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig, overrides: tuple = ()) -> Dict[str, Any]:
     """Train, evaluate and save one model; return its metrics (also written to metrics.json)."""
-    validate(cfg)
     distributed.configure_logging(cfg.log_all_ranks)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    set_seed(cfg.seed)
     tracker = start_tracker(cfg.tracking)
     status = "FAILED"
-    try:
+    try:  # a config that fails validation still gets a FAILED run with the reason (sweeps)
         tracker.log_params(flatten_params(cfg))
+        validate(cfg)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        set_seed(cfg.seed)
         tracker.set_tags({"git_commit": git_commit(), "lorasweep_version": __version__,
                           "hydra_overrides": " ".join(overrides) or "(none)",
                           "world_size": distributed.world_size(),
