@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) src/lorasweep/train.py
 
+# The venv's bin/ first on PATH: the tests run the real `deepspeed` and `torchrun` commands.
 test: install
-	$(PY) -m pytest -q -ra
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -ra
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench
