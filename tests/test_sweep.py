@@ -1,6 +1,9 @@
 """Sweeps in one sweeper process: Optuna trials (1 and 2 ranks each), a failing trial, MLflow
-parent + child runs, a Redis-backed study resumed by rerunning, and `-m` refused in a launcher."""
+parent + child runs, a Redis-backed study resumed by rerunning, and `-m` refused in a launcher;
+parameter importance from trial records (no training)."""
 
+import logging
+import random
 import shutil
 import socket
 import subprocess
@@ -9,10 +12,12 @@ import time
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
-from conftest import run_cli
+from conftest import CONF, run_cli
+from lorasweep.sweep import (IMPORTANCE_PNG, made_or_none, param_importances, plot_importances,
+                             search_space)
 
-pytestmark = pytest.mark.slow
 SPACE = "hparams_search=optuna_f1"
 
 
@@ -33,8 +38,10 @@ def runs_by_kind(db, name):
     return parents, children
 
 
+@pytest.mark.slow
 def test_optuna_sweep_three_trials_one_process(tmp_path):
-    proc, db = sweep(tmp_path, "three", "hydra.sweeper.n_trials=3")
+    # eval_loss: a smoke run's macro-F1 often ties across trials, leaving no importance to assess
+    proc, db = sweep(tmp_path, "three", "hydra.sweeper.n_trials=3", "objective.metric=eval_loss")
     results = yaml.safe_load((tmp_path / "three" / "optimization_results.yaml").read_text())
     assert set(results["best_params"]) >= {"training.learning_rate", "lora.r", "loss"}
     assert isinstance(results["best_value"], float)
@@ -46,8 +53,13 @@ def test_optuna_sweep_three_trials_one_process(tmp_path):
     assert len(rates) == 3  # sampled, different per trial
     assert all(1e-4 <= float(r) <= 3e-3 for r in rates)
     assert all(c.info.status == "FINISHED" for c in children)
+    assert (tmp_path / "three" / IMPORTANCE_PNG).stat().st_size > 10_000
+    artifacts = {a.path for a in MlflowClient(db).list_artifacts(parents[0].info.run_id)}
+    assert {IMPORTANCE_PNG, "optimization_history.png", "trials.csv"} <= artifacts
+    assert "parameter importance for eval_loss over 3 completed trials" in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_trials_on_two_ranks_each(tmp_path):
     sweep(tmp_path, "ranks", "hydra.sweeper.n_trials=2", "distributed.nproc_per_node=2",
           "deepspeed=zero2")
@@ -60,6 +72,7 @@ def test_trials_on_two_ranks_each(tmp_path):
     assert len(parents) == 1 and len(children) == 2
 
 
+@pytest.mark.slow
 def test_a_failing_trial_does_not_stop_the_sweep(tmp_path):
     # lora.r=-1 is sampled for some trials: those fail validation inside the trial
     proc, db = sweep(tmp_path, "failing", "hydra.sweeper.n_trials=4",
@@ -81,6 +94,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 def test_redis_study_continues_when_the_sweep_is_rerun(tmp_path):
     import redis
@@ -105,8 +119,70 @@ def test_redis_study_continues_when_the_sweep_is_rerun(tmp_path):
         server.wait()
 
 
+@pytest.mark.slow
 def test_sweep_inside_the_deepspeed_launcher_is_refused(tmp_path):
     proc = run_cli(["-m", SPACE, "model=tiny_bert"], tmp_path,
                    launcher=("deepspeed", "--num_gpus", "1"))
     assert proc.returncode != 0
     assert "cannot run inside the deepspeed/torchrun launcher" in proc.stderr + proc.stdout
+
+
+def optuna_f1_params():
+    return yaml.safe_load((CONF / "hparams_search" / "optuna_f1.yaml").read_text())["hydra"][
+        "sweeper"]["params"]
+
+
+def synthetic_trials(n, seed=0):
+    """Trial records as SweepCallback writes them, over the real optuna_f1 space: the objective
+    follows the learning rate, the other parameters are noise, loss never varies."""
+    rng = random.Random(seed)
+    trials = []
+    for number in range(n):
+        lr = 10 ** rng.uniform(-4, -2.53)
+        overrides = [f"training.learning_rate={lr}", f"lora.r={rng.choice([4, 8, 16])}",
+                     f"lora.alpha={rng.choice([8, 16, 32])}",
+                     f"lora.dropout={rng.uniform(0, 0.2)}", "loss=ce",
+                     f"loss.alpha={rng.uniform(0.2, 1)}",
+                     f"training.warmup_steps={rng.uniform(0, 0.1)}", "model=tiny_bert"]
+        trials.append({"number": number, "params": " ".join(overrides), "overrides": overrides,
+                       "objective": 0.2 + 200 * lr + rng.uniform(0, 0.01), "status": "COMPLETE"})
+    return trials
+
+
+def sweep_config(params, task):
+    return OmegaConf.create({"hydra": {"sweeper": {"params": params}, "overrides": {"task": task}},
+                             "objective": {"metric": "eval_f1_macro"}})
+
+
+def broken_plot(*args):
+    raise RuntimeError("no display\nat all")
+
+
+def test_param_importance_from_trial_records(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lorasweep.sweep")
+    space = search_space(optuna_f1_params(), ["hparams_search=optuna_f1", "model=tiny_bert"])
+    assert len(space) == 7
+    trials = synthetic_trials(12)
+    importances, note = param_importances(trials, space)
+    assert note == "12 completed trials"
+    assert set(importances) == set(space) - {"loss"}  # loss=ce in every trial: not assessed
+    assert sum(importances.values()) == pytest.approx(1.0)
+    assert max(importances, key=importances.get) == "training.learning_rate"
+    assert importances["training.learning_rate"] > 0.5
+
+    # nothing to assess: too few completed trials, nothing varies, one parameter of a grid
+    failed = dict(trials[1], status="FAIL", objective=None)
+    assert param_importances([trials[0], failed], space) == (
+        {}, "1 completed trial(s), importance needs at least 2")
+    same = [dict(t, overrides=trials[0]["overrides"]) for t in trials[:4]]
+    assert param_importances(same, space)[1] == (
+        "no searched parameter varies across the 4 completed trials")
+    path = plot_importances(str(tmp_path), trials[:3], sweep_config(None, ["lora.r=8,16,4"]))
+    assert path is None and not (tmp_path / IMPORTANCE_PNG).exists()
+    assert "no parameter-importance plot: only lora.r varies across the 3 completed trials" \
+        in caplog.text
+
+    path = plot_importances(str(tmp_path), trials, sweep_config(optuna_f1_params(), []))
+    assert path == str(tmp_path / IMPORTANCE_PNG) and (tmp_path / IMPORTANCE_PNG).is_file()
+    assert made_or_none(broken_plot, str(tmp_path)) is None  # a plot never fails the sweep
+    assert "broken_plot: no plot: no display at all" in caplog.text
