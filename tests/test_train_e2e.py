@@ -3,9 +3,11 @@ saved adapter + tokenizer + label map reproduce the in-process predictions."""
 
 import json
 
+import pandas as pd
 import pytest
 
-from conftest import assert_reload_reproduces_predictions, compose_cfg, run_cli
+from conftest import (SAMPLE, SMOKE, assert_reload_reproduces_predictions, compose_cfg, run_cli,
+                      save_tokenized_dataset_dict)
 from lorasweep import outputs
 
 METRIC_KEYS = ["eval_accuracy", "eval_f1_macro", "eval_f1_weighted", "eval_precision_macro",
@@ -43,3 +45,43 @@ def test_main_returns_the_objective_in_metrics_json(tmp_path):
     value = main(cfg)
     metrics = outputs.read_json(str(tmp_path / "run"), outputs.METRICS)
     assert isinstance(value, float) and value == metrics["eval_accuracy"]
+
+
+@pytest.mark.slow
+def test_a_users_csv_trains_end_to_end(tmp_path):
+    """`data=files data.train_path=x.csv data.label_column=y`: integer codes in a CSV."""
+    table = pd.read_parquet(SAMPLE).rename(columns={"acct_code": "account"})
+    table["account"] = table["account"].astype(int)
+    csv = tmp_path / "ledger.csv"
+    table.to_csv(csv, index=False)
+    run = tmp_path / "run"
+    run_cli([*SMOKE, "data=files", f"data.train_path={csv}", "data.label_column=account",
+             f"hydra.run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path, check=True)
+    label_map = json.loads((run / "label_map.json").read_text())
+    assert label_map["num_labels"] == 26 and label_map["id2label"]["0"] == "14100"
+    meta = json.loads((run / "dataset_metadata.json").read_text())
+    assert meta["rows"] == {"train": 3200, "validation": 400, "test": 400}
+    assert meta["text_columns"] == [c for c in table.columns if c != "account"]
+    predictions = pd.read_csv(run / "reports" / "predictions_test.csv")
+    assert len(predictions) == 400 and predictions["text"][0].startswith("date: ")
+    assert 0.0 <= json.loads((run / "metrics.json").read_text())["test_f1_macro"] <= 1.0
+
+
+@pytest.mark.slow
+def test_a_tokenized_dataset_dict_trains_end_to_end(tmp_path):
+    """The seeds' input: `data=hf_disk` on a tokenized DatasetDict with a ClassLabel column."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(compose_cfg(SMOKE).model.tokenizer_name_or_path)
+    _, names = save_tokenized_dataset_dict(tmp_path / "dd", tokenizer, rows=600)
+    run = tmp_path / "run"
+    run_cli([*SMOKE, "data=hf_disk", f"data.train_path={tmp_path / 'dd'}",
+             "data.label_column=label", f"hydra.run.dir={run}",
+             f"data.cache_dir={tmp_path / 'cache'}"], tmp_path, check=True)
+    label_map = json.loads((run / "label_map.json").read_text())
+    assert [label_map["id2label"][str(i)] for i in range(len(names))] == names
+    meta = json.loads((run / "dataset_metadata.json").read_text())
+    assert meta["rows"] == {"train": 400, "validation": 100, "test": 100}
+    predictions = pd.read_csv(run / "reports" / "predictions_validation.csv", dtype=str)
+    assert len(predictions) == 100 and set(predictions["label"]) <= set(names)
+    assert_reload_reproduces_predictions(run)

@@ -19,7 +19,7 @@ import datasets
 import numpy as np
 
 from lorasweep import distributed
-from lorasweep.errors import DataError
+from lorasweep.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -127,16 +127,51 @@ def check_columns(table: datasets.Dataset, label_column: str, text_columns: Sequ
 
 
 def normalise_labels(table: datasets.Dataset, label_column: str, path: str) -> datasets.Dataset:
-    """Labels as strings (a CSV code 51100 and a parquet '51100' are one class); no empty ones."""
-    values = table[label_column]
-    bad = [i for i, v in enumerate(values)
-           if v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == ""]
-    if bad:
+    """Labels as strings (a CSV code 51100 and a parquet '51100' are one class); no empty ones.
+
+    Arrow compute, not a Python loop over the rows. A `ClassLabel` column gives its names.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = table.with_format("arrow")[label_column]
+    empty = pc.is_null(values, nan_is_null=True)
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(values), ""), False)
+        empty = pc.or_(empty, blank)
+    bad = np.flatnonzero(empty.to_numpy(zero_copy_only=False))
+    if len(bad):
         rows = ", ".join(str(i) for i in bad[:5])
         raise DataError(f"{path}: column {label_column!r} has {len(bad)} empty/NaN labels "
                         f"(first rows: {rows})")
-    as_text = [label_to_text(v) for v in values]
-    return table.remove_columns(label_column).add_column(label_column, as_text)
+    feature = table.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        names = pa.array(feature.names, pa.string()).take(values)
+        return _replace_column(table, label_column, names.to_pylist())
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        return table
+    if pa.types.is_integer(values.type) or _integral_floats(values):
+        return (table.cast_column(label_column, datasets.Value("int64"))
+                .cast_column(label_column, datasets.Value("string")))
+    # anything else (non-integral floats, booleans): Python's str, as predict.py writes labels
+    return _replace_column(table, label_column, [label_to_text(v) for v in values.to_pylist()])
+
+
+def _replace_column(table: datasets.Dataset, column: str, values: list) -> datasets.Dataset:
+    # added before the old one goes: a table of just that column would otherwise have no rows
+    return (table.add_column(f"{column}.new", values).remove_columns(column)
+            .rename_column(f"{column}.new", column))
+
+
+def _integral_floats(values) -> bool:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not pa.types.is_floating(values.type):
+        return False
+    whole = pc.all(pc.equal(pc.floor(values), values)).as_py()
+    small = pc.max(pc.abs(values)).as_py() < 2 ** 53
+    return bool(whole and small)
 
 
 def label_to_text(value: Any) -> str:
@@ -216,23 +251,108 @@ def load_splits(data_cfg) -> tuple[datasets.DatasetDict, List[str], Dict[str, An
     return splits, text_columns, report
 
 
-def _load_hf_disk(data_cfg) -> tuple[datasets.DatasetDict, List[str], Dict[str, Any]]:
-    path = data_cfg.train_path
+def load_dataset_dict(path: str) -> datasets.DatasetDict:
+    """A DatasetDict saved with `save_to_disk`, with train, validation and test splits."""
     if not os.path.isdir(path):
-        raise DataError(f"data.train_path={path}: not a directory saved by DatasetDict.save_to_disk")
+        raise DataError(f"data.train_path={path}: not a directory saved by "
+                        "DatasetDict.save_to_disk")
     try:
         loaded = datasets.load_from_disk(path)
     except Exception as exc:
-        raise DataError(f"data.train_path={path}: cannot load_from_disk ({exc})") from None
+        raise DataError(f"data.train_path={path}: cannot load_from_disk "
+                        f"({one_line(exc)})") from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        raise DataError(f"data.train_path={path}: a single Dataset; expected a DatasetDict with "
+                        f"splits {', '.join(SPLITS)}")
     missing = [s for s in SPLITS if s not in loaded]
     if missing:
         raise DataError(f"data.train_path={path}: DatasetDict lacks split(s) {', '.join(missing)} "
                         f"(has {', '.join(loaded)})")
+    for name in SPLITS:
+        if len(loaded[name]) == 0:
+            raise DataError(f"data.train_path={path}: the {name} split has no rows")
+    return loaded
+
+
+def _load_hf_disk(data_cfg) -> tuple[datasets.DatasetDict, List[str], Dict[str, Any]]:
+    """A DatasetDict of table/text columns: serialized and tokenized like files are."""
+    path = data_cfg.train_path
+    loaded = load_dataset_dict(path)
     text_columns = check_columns(loaded["train"], data_cfg.label_column, data_cfg.text_columns,
                                  path)
     splits = datasets.DatasetDict({s: normalise_labels(loaded[s], data_cfg.label_column, path)
                                    for s in SPLITS})
     return splits, text_columns, {"split": "given (load_from_disk)"}
+
+
+# ---------------------------------------------------------------------------- tokenized input
+
+
+def prepare_pretokenized(loaded: datasets.DatasetDict, data_cfg, tokenizer) -> PreparedData:
+    """A DatasetDict that already has input_ids (the seeds' input): used as it is.
+
+    Class ids are kept: names come from a ClassLabel feature, else the ids are the names. The
+    decoded text is kept beside the label so prediction reports still show what the model saw.
+    """
+    path, column = data_cfg.train_path, data_cfg.label_column
+    for name in SPLITS:
+        if column not in loaded[name].column_names:
+            raise DataError(f"data.label_column={column!r}: no such column in the {name} split of "
+                            f"{path} (columns: {', '.join(loaded[name].column_names)})")
+    names = pretokenized_label_names(loaded, column, path, len(tokenizer))
+    label_map = pad_label_slots(names, data_cfg.max_classes, data_cfg.dummy_prefix)
+    keep = [c for c in MODEL_COLUMNS if c in loaded["train"].column_names and c != "labels"]
+    tokenized = datasets.DatasetDict({
+        name: split.select_columns(keep + [column]).rename_columns(
+            {column: "labels"} if column != "labels" else {})
+        for name, split in loaded.items() if name in SPLITS})
+    raw = datasets.DatasetDict({
+        name: datasets.Dataset.from_dict({
+            "text": tokenizer.batch_decode(list(split["input_ids"]), skip_special_tokens=True),
+            column: [label_map.labels[i] for i in split["labels"]]})
+        for name, split in tokenized.items()})
+    settings = {"text_columns": ["text"], "separator": "", "include_column_names": False,
+                "null_token": None, "pretokenized": True}
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(tokenized["train"].with_format("arrow")["input_ids"])
+    meta = diagnostics(raw, lengths.to_numpy(zero_copy_only=False), raw["train"]["text"][0],
+                       data_cfg, settings, label_map)
+    meta["split"] = {"split": "given (load_from_disk, pre-tokenized)"}
+    meta["serialization"] = settings
+    return PreparedData(raw=raw, tokenized=tokenized, label_map=label_map, text_columns=["text"],
+                        serialization=settings, metadata=meta)
+
+
+def pretokenized_label_names(loaded: datasets.DatasetDict, column: str, path: str,
+                             vocab_size: int) -> List[str]:
+    """Names by class id; checks ids and token ids against the tokenizer before any training."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    feature = loaded["train"].features[column]
+    top_id = -1
+    for name in SPLITS:
+        ids = loaded[name].with_format("arrow")[column]
+        if not pa.types.is_integer(ids.type) or ids.null_count:
+            raise DataError(f"data.label_column={column!r} in {path}: a tokenized DatasetDict "
+                            f"needs integer class ids or a ClassLabel (found {ids.type}, "
+                            f"{ids.null_count} missing)")
+        low, high = pc.min(ids).as_py(), pc.max(ids).as_py()
+        if low < 0:
+            raise DataError(f"data.label_column={column!r}: the {name} split of {path} has class "
+                            f"id {low}; expected ids >= 0")
+        top_id = max(top_id, high)
+        tokens = pc.max(pc.list_flatten(loaded[name].with_format("arrow")["input_ids"])).as_py()
+        if tokens is not None and tokens >= vocab_size:
+            raise DataError(f"{path}: the {name} split has token id {tokens} but the tokenizer has "
+                            f"{vocab_size} tokens: was it tokenized with another tokenizer?")
+    if isinstance(feature, datasets.ClassLabel):
+        if top_id >= feature.num_classes:
+            raise DataError(f"data.label_column={column!r}: class id {top_id} is outside the "
+                            f"ClassLabel's {feature.num_classes} names in {path}")
+        return list(feature.names)
+    return [str(i) for i in range(top_id + 1)]
 
 
 # ---------------------------------------------------------------------------- labels
@@ -241,9 +361,13 @@ def _load_hf_disk(data_cfg) -> tuple[datasets.DatasetDict, List[str], Dict[str, 
 def build_label_map(train_labels: Sequence[str], max_classes: Optional[int],
                     dummy_prefix: str) -> LabelMap:
     """Sorted class names, padded with dummy slots up to `max_classes`."""
-    real = sorted(set(train_labels))
+    return pad_label_slots(sorted(set(train_labels)), max_classes, dummy_prefix)
+
+
+def pad_label_slots(real: List[str], max_classes: Optional[int], dummy_prefix: str) -> LabelMap:
+    """`real` names keep their ids; dummy slots follow, up to `max_classes`."""
     if max_classes is None:
-        return LabelMap(labels=real, num_real=len(real))
+        return LabelMap(labels=list(real), num_real=len(real))
     if len(real) > max_classes:
         raise DataError(f"data.max_classes={max_classes}: the train split has {len(real)} classes")
     taken = set(real)
@@ -253,7 +377,7 @@ def build_label_map(train_labels: Sequence[str], max_classes: Optional[int],
         name = f"{dummy_prefix}{i}"
         if name not in taken:
             dummies.append(name)
-    return LabelMap(labels=real + dummies, num_real=len(real))
+    return LabelMap(labels=list(real) + dummies, num_real=len(real))
 
 
 def check_unknown_labels(splits: datasets.DatasetDict, label_map: LabelMap, label_column: str,
@@ -338,34 +462,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((body + extra).encode()).hexdigest()[:16]
 
 
-def content_hash(split: datasets.Dataset) -> str:
-    """sha256 of the split's rows (Arrow IPC bytes, batch by batch): same rows, same hash, on any
-    machine. (datasets' own `_fingerprint` is not stable across processes for every operation.)"""
-    import pyarrow as pa
-
-    digest = hashlib.sha256()
-    table = split.with_format("arrow")
-    for start in range(0, len(split), 10_000):
-        batch = table[start:start + 10_000]
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, batch.schema) as writer:
-            writer.write_table(batch)
-        digest.update(sink.getvalue())
-    return digest.hexdigest()
-
-
-def cache_key(splits: datasets.DatasetDict, tokenizer, label_map: LabelMap, data_cfg,
-              settings: Dict[str, Any]) -> str:
-    payload = {
-        "data": {name: content_hash(splits[name]) for name in SPLITS},
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "max_length": data_cfg.max_length, "padding": data_cfg.padding,
-        "serialization": settings, "labels": label_map.labels,
-        "label_column": data_cfg.label_column, "version": 1,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
-
-
 def _tokenize_batch(batch, tokenizer, settings, label2id, label_column, max_length, padding):
     encoded = tokenizer(serialize_batch(batch, settings), truncation=True, max_length=max_length,
                         padding="max_length" if padding == "max_length" else False)
@@ -375,51 +471,32 @@ def _tokenize_batch(batch, tokenizer, settings, label2id, label_column, max_leng
 
 def tokenize_splits(splits: datasets.DatasetDict, tokenizer, label_map: LabelMap, data_cfg,
                     settings: Dict[str, Any]) -> datasets.DatasetDict:
-    """Tokenize every split once; later runs with the same inputs load the result from disk."""
-    key = cache_key(splits, tokenizer, label_map, data_cfg, settings)
-    path = os.path.join(data_cfg.cache_dir, "tokenized", key)
-    with distributed.rank_zero_first():
-        if os.path.isfile(os.path.join(path, "dataset_dict.json")):
-            log.info("tokenization cache hit: %s (key %s)", path, key)
-            return datasets.load_from_disk(path)
-        log.info("tokenization cache miss (key %s): tokenizing", key)
-        fn_kwargs = dict(tokenizer=tokenizer, settings=settings, label2id=label_map.label2id,
-                         label_column=data_cfg.label_column, max_length=data_cfg.max_length,
-                         padding=data_cfg.padding)
-        tokenized = datasets.DatasetDict({
-            name: split.map(_tokenize_batch, batched=True, fn_kwargs=fn_kwargs,
-                            num_proc=data_cfg.num_proc if data_cfg.num_proc > 1 else None,
-                            remove_columns=split.column_names, desc=f"tokenize {name}")
-            for name, split in splits.items()
-        })
-        if distributed.is_rank_zero():
-            _save_atomically(tokenized, path)
-        return tokenized
-
-
-def _save_atomically(tokenized: datasets.DatasetDict, path: str) -> None:
-    """Write to a temp dir and rename, so a crash never leaves a half-written cache entry."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    tokenized.save_to_disk(tmp)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process won the race; its copy is identical
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    fn_kwargs = dict(tokenizer=tokenizer, settings=settings, label2id=label_map.label2id,
+                     label_column=data_cfg.label_column, max_length=data_cfg.max_length,
+                     padding=data_cfg.padding)
+    return datasets.DatasetDict({
+        name: split.map(_tokenize_batch, batched=True, fn_kwargs=fn_kwargs,
+                        num_proc=data_cfg.num_proc if data_cfg.num_proc > 1 else None,
+                        remove_columns=split.column_names, desc=f"tokenize {name}")
+        for name, split in splits.items()
+    })
 
 
 # ---------------------------------------------------------------------------- diagnostics
 
 
-def diagnostics(raw: datasets.DatasetDict, tokenized: datasets.DatasetDict, tokenizer,
-                data_cfg, settings: Dict[str, Any], label_map: LabelMap,
-                sample_size: int = 2000) -> Dict[str, Any]:
-    """Token-length percentiles and truncation share (on a sample), class counts per split."""
-    train = raw["train"]
+def sample_token_lengths(train: datasets.Dataset, tokenizer, settings: Dict[str, Any],
+                         sample_size: int = 2000) -> tuple[np.ndarray, str]:
+    """Untruncated token lengths of the first `sample_size` train rows, and the first row's text."""
     sample = train.select(range(min(sample_size, len(train))))
     texts = serialize_batch(sample.to_dict(), settings)
     lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False)["input_ids"]])
+    return lengths, texts[0] if texts else ""
+
+
+def diagnostics(raw: datasets.DatasetDict, lengths: np.ndarray, example_text: str, data_cfg,
+                settings: Dict[str, Any], label_map: LabelMap) -> Dict[str, Any]:
+    """Token-length percentiles and truncation share, class counts per split, rare classes."""
     truncated = float(np.mean(lengths > data_cfg.max_length)) if len(lengths) else 0.0
     counts = {name: _class_counts(split[data_cfg.label_column]) for name, split in raw.items()}
     rare = sorted(k for k, v in counts["train"].items() if v < data_cfg.rare_class_min_rows)
@@ -432,12 +509,16 @@ def diagnostics(raw: datasets.DatasetDict, tokenized: datasets.DatasetDict, toke
         "max_length": data_cfg.max_length, "truncated_share": truncated,
         "class_counts": counts,
         "rare_classes": {"min_rows": data_cfg.rare_class_min_rows, "classes": rare},
-        "example_text": texts[0] if texts else "",
+        "example_text": example_text,
     }
-    if truncated > 0.05:
+    if truncated > 0.05 and not settings.get("pretokenized"):
         log.warning("%.1f%% of rows are longer than data.max_length=%d and get truncated "
                     "(p95 = %d tokens): consider raising data.max_length", 100 * truncated,
                     data_cfg.max_length, meta["token_length"]["p95"])
+    elif truncated > 0.05:
+        log.warning("%.1f%% of the pre-tokenized rows are longer than data.max_length=%d; they are "
+                    "used as they are (lorasweep does not re-tokenize a tokenized DatasetDict)",
+                    100 * truncated, data_cfg.max_length)
     return meta
 
 
@@ -463,10 +544,125 @@ def format_diagnostics(meta: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- the cache
+
+# Data settings that change nothing in the prepared result; the paths are replaced by the hash of
+# the files' bytes (a moved file is still a hit, an edited one is a miss).
+NOT_IN_KEY = ("cache_dir", "num_proc", "train_path", "valid_path", "test_path")
+CACHE_VERSION = 2
+
+
+def input_files(data_cfg) -> Dict[str, List[str]]:
+    """The files a run reads, by config key (a glob expanded; a saved DatasetDict's own files)."""
+    if data_cfg.source == "hf_disk":
+        return {"data.train_path": dataset_dict_files(data_cfg.train_path)}
+    given = {"data.train_path": data_cfg.train_path, "data.valid_path": data_cfg.valid_path,
+             "data.test_path": data_cfg.test_path}
+    return {key: _expand(path, key) for key, path in given.items() if path}
+
+
+def dataset_dict_files(root: str) -> List[str]:
+    """The files `save_to_disk` wrote, read from its manifests. Not a directory listing: datasets
+    writes `map` cache files beside them, which would change the key on every run."""
+    manifest = os.path.join(root, "dataset_dict.json")
+    if not os.path.isfile(manifest):
+        load_dataset_dict(root)  # raises the error that says what is wrong with the directory
+    files = [manifest]
+    try:
+        with open(manifest) as fh:
+            splits = json.load(fh)["splits"]
+        for split in splits:
+            state = os.path.join(root, split, "state.json")
+            with open(state) as fh:
+                data_files = [f["filename"] for f in json.load(fh)["_data_files"]]
+            files += [state, os.path.join(root, split, "dataset_info.json")]
+            files += [os.path.join(root, split, name) for name in data_files]
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"data.train_path={root}: not a complete DatasetDict saved by "
+                        f"save_to_disk ({one_line(exc)})") from None
+    return files
+
+
+def file_digest(path: str) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def prepared_key(data_cfg, tokenizer) -> str:
+    """Key of a prepared result: input bytes + every data setting that matters + the tokenizer."""
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(data_cfg, resolve=True)
+    payload = {
+        "files": {key: [file_digest(f) for f in files]
+                  for key, files in input_files(data_cfg).items()},
+        "settings": {k: v for k, v in settings.items() if k not in NOT_IN_KEY},
+        "tokenizer": tokenizer_fingerprint(tokenizer), "version": CACHE_VERSION,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def save_prepared(prepared: PreparedData, path: str) -> None:
+    """Write the whole prepared result to a temp dir and rename it into place, so a crash never
+    leaves a half-written entry and a reader sees either nothing or everything."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    prepared.raw.save_to_disk(os.path.join(tmp, "raw"))
+    prepared.tokenized.save_to_disk(os.path.join(tmp, "tokenized"))
+    payload = {"label_map": prepared.label_map.to_json(), "text_columns": prepared.text_columns,
+               "serialization": prepared.serialization, "metadata": prepared.metadata}
+    with open(os.path.join(tmp, "prepared.json"), "w") as fh:
+        json.dump(payload, fh, indent=2)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process won the race; its copy is identical
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_prepared(path: str) -> Optional[PreparedData]:
+    """The cached result at `path`, or None when there is no complete entry."""
+    manifest = os.path.join(path, "prepared.json")
+    if not os.path.isfile(manifest):
+        return None
+    with open(manifest) as fh:
+        payload = json.load(fh)
+    return PreparedData(raw=datasets.load_from_disk(os.path.join(path, "raw")),
+                        tokenized=datasets.load_from_disk(os.path.join(path, "tokenized")),
+                        label_map=LabelMap.from_json(payload["label_map"]),
+                        text_columns=payload["text_columns"],
+                        serialization=payload["serialization"], metadata=payload["metadata"])
+
+
 # ---------------------------------------------------------------------------- the whole step
 
 
 def prepare_data(data_cfg, tokenizer) -> PreparedData:
+    """Split, label, serialize and tokenize, or load all of it from the cache.
+
+    Rank 0 prepares first and fills the cache; the other ranks then load it. A bad input raises on
+    rank 0 inside the block and, after the barrier, on every other rank too.
+    """
+    key = prepared_key(data_cfg, tokenizer)
+    path = os.path.join(data_cfg.cache_dir, "prepared", key)
+    with distributed.rank_zero_first():
+        cached = load_prepared(path)
+        if cached is not None:
+            log.info("data cache hit: %s (key %s): splits, label map and tokenization loaded",
+                     path, key)
+            return cached
+        log.info("data cache miss (key %s): splitting and tokenizing", key)
+        prepared = build_prepared(data_cfg, tokenizer)
+        if distributed.is_rank_zero():
+            save_prepared(prepared, path)
+        return prepared
+
+
+def build_prepared(data_cfg, tokenizer) -> PreparedData:
+    if data_cfg.source == "hf_disk":
+        loaded = load_dataset_dict(data_cfg.train_path)
+        if "input_ids" in loaded["train"].column_names:
+            return prepare_pretokenized(loaded, data_cfg, tokenizer)
     splits, text_columns, split_report = load_splits(data_cfg)
     label_map = build_label_map(splits["train"][data_cfg.label_column], data_cfg.max_classes,
                                 data_cfg.dummy_prefix)
@@ -474,7 +670,8 @@ def prepare_data(data_cfg, tokenizer) -> PreparedData:
                                   data_cfg.unknown_label)
     settings = serialization_settings(data_cfg, text_columns)
     tokenized = tokenize_splits(splits, tokenizer, label_map, data_cfg, settings)
-    meta = diagnostics(splits, tokenized, tokenizer, data_cfg, settings, label_map)
+    lengths, example = sample_token_lengths(splits["train"], tokenizer, settings)
+    meta = diagnostics(splits, lengths, example, data_cfg, settings, label_map)
     meta["split"] = split_report
     meta["serialization"] = settings
     return PreparedData(raw=splits, tokenized=tokenized, label_map=label_map,

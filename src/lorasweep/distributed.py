@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 from contextlib import contextmanager
 from typing import Iterator, List
 
