@@ -3,6 +3,7 @@ parent + child runs, a Redis-backed study resumed by rerunning, and `-m` refused
 parameter importance from trial records (no training)."""
 
 import logging
+import os
 import random
 import shutil
 import socket
@@ -15,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import CONF, run_cli
+from lorasweep.errors import ConfigError
+from lorasweep.launcher import launcher_command, place_trial, trials_at_once
 from lorasweep.sweep import (IMPORTANCE_PNG, made_or_none, param_importances, plot_importances,
                              search_space)
 
@@ -70,6 +73,52 @@ def test_trials_on_two_ranks_each(tmp_path):
         assert 1e-4 <= config["training"]["learning_rate"] <= 3e-3
     parents, children = runs_by_kind(f"sqlite:///{tmp_path / 'mlflow.db'}", "ranks")
     assert len(parents) == 1 and len(children) == 2
+
+
+@pytest.mark.slow
+def test_parallel_trials_with_joblib_share_the_cores(tmp_path):
+    """hydra/launcher=joblib: two trials at once, each in its own worker, each given half of the
+    CPU threads (on GPUs each would get its own devices: see the placement test below)."""
+    sweep(tmp_path, "joblib", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+          "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=2", "tracking=none")
+    trials = (tmp_path / "joblib" / "trials.csv").read_text()
+    assert trials.count(",COMPLETE,") == 2, trials
+    expected = max(1, (os.cpu_count() or 1) // 2)
+    for trial in ("0", "1"):
+        meta = yaml.safe_load((tmp_path / "joblib" / trial / "model_metadata.json").read_text())
+        assert meta["torch_threads"] == expected
+
+
+def hydra_node(launcher_target, n_jobs, sweeper):
+    from hydra.types import RunMode
+
+    return OmegaConf.create({"mode": RunMode.MULTIRUN, "job": {"num": 0},
+                             "launcher": {"_target_": launcher_target, "n_jobs": n_jobs},
+                             "sweeper": sweeper})
+
+
+def test_trials_at_once_get_their_own_gpus_or_share_of_threads():
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    optuna = {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
+              "n_jobs": 2}
+    assert trials_at_once(hydra_node(joblib, 4, optuna)) == (2, 2)
+    grid = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+            "max_batch_size": None}
+    assert trials_at_once(hydra_node(joblib, 3, grid)) == (3, None)
+    assert trials_at_once(hydra_node("hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+                                     None, grid)) == (1, 1)
+    gpus = ["0", "1", "2", "3"]
+    slices = [place_trial(num, 2, 2, 2, gpus, cpus=32).gpus for num in range(4)]
+    assert slices == [["0", "1"], ["2", "3"], ["0", "1"], ["2", "3"]]
+    assert place_trial(1, 2, 2, 1, ["4", "6"], cpus=32).gpus == ["6"]  # CUDA_VISIBLE_DEVICES ids
+    assert place_trial(0, 2, 2, 1, gpus, cpus=32).own_process  # fresh process: CUDA starts there
+    with pytest.raises(ConfigError, match="trial slot 1 needs GPUs 2..3 but 3 are visible"):
+        place_trial(1, 2, 2, 2, gpus[:3], cpus=32)
+    assert place_trial(5, 2, 2, 1, None, cpus=8).threads == 4
+    assert place_trial(0, 1, 1, 2, None, cpus=8).threads is None  # alone: every core
+    deepspeed = launcher_command("deepspeed", 2, [], "/run", gpus=["2", "3"])
+    assert "localhost:2,3" in deepspeed and "--num_gpus" not in deepspeed
+    assert "--num_gpus" in launcher_command("deepspeed", 2, [], "/run")
 
 
 @pytest.mark.slow
@@ -186,3 +235,16 @@ def test_param_importance_from_trial_records(tmp_path, caplog):
     assert path == str(tmp_path / IMPORTANCE_PNG) and (tmp_path / IMPORTANCE_PNG).is_file()
     assert made_or_none(broken_plot, str(tmp_path)) is None  # a plot never fails the sweep
     assert "broken_plot: no plot: no display at all" in caplog.text
+
+
+def test_the_slurm_launcher_config_composes():
+    """conf/hydra/launcher/slurm.yaml: one SLURM job per trial with nproc_per_node GPUs (composed
+    with the real hydra-submitit-launcher plugin; no cluster here to submit to)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", return_hydra_config=True,
+                      overrides=[SPACE, "hydra/launcher=slurm", "distributed.nproc_per_node=2"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.gpus_per_node == 2 and launcher.tasks_per_node == 1

@@ -10,9 +10,10 @@ import logging
 import math
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import numpy as np
+import torch
 
 from omegaconf import DictConfig
 from transformers import set_seed
@@ -45,12 +46,13 @@ def run(cfg: DictConfig, overrides: tuple = ()) -> Dict[str, Any]:
         validate(cfg)
         os.makedirs(cfg.output_dir, exist_ok=True)
         set_seed(cfg.seed)
+        ds_config = build_deepspeed_config(cfg.deepspeed)
         tracker.set_tags({"git_commit": git_commit(), "lorasweep_version": __version__,
                           "hydra_overrides": " ".join(overrides) or "(none)",
                           "world_size": distributed.world_size(),
-                          "zero_stage": zero_stage(build_deepspeed_config(cfg.deepspeed)),
+                          "zero_stage": zero_stage(ds_config),
                           "run_dir": os.path.abspath(cfg.output_dir)})
-        metrics = train_and_save(cfg, tracker)
+        metrics = train_and_save(cfg, tracker, ds_config)
         status = "FINISHED"
     except BaseException as exc:
         tracker.set_tags({"failure_reason": one_line(exc)[:5000]})
@@ -84,10 +86,11 @@ def tracker_uri(cfg: DictConfig) -> str:
     return resolve_uri(cfg.tracking)
 
 
-def train_and_save(cfg: DictConfig, tracker: Tracker) -> Dict[str, Any]:
+def train_and_save(cfg: DictConfig, tracker: Tracker,
+                   ds_config: Optional[dict]) -> Dict[str, Any]:
+    """`ds_config`: the DeepSpeed dict built from cfg.deepspeed (None: no DeepSpeed)."""
     run_dir = cfg.output_dir
     started = time.perf_counter()
-    ds_config = build_deepspeed_config(cfg.deepspeed)
     base_path = base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed)  # before ZeRO-3 is on
     if ds_config is not None and distributed.is_rank_zero():  # "will it fit", before loading
         total, largest = count_model_parameters(base_path, cfg.model.trust_remote_code)
@@ -155,6 +158,7 @@ def model_metadata(cfg: DictConfig, trainer, ds_config, base_path: str) -> Dict[
         "zero_stage_configured": zero_stage(ds_config),
         "zero_stage_engine": engine_stage,
         "world_size": trainer.args.world_size,
+        "torch_threads": torch.get_num_threads(),
         "distributed_type": str(trainer.accelerator.distributed_type),
         "lora": cfg.lora.enable,
         "parameters": count_parameters(trainer.model),

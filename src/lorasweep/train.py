@@ -30,17 +30,22 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
+    from lorasweep.launcher import placement_for, run_launched
     from lorasweep.pipeline import objective_value, run
 
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     overrides = tuple(hydra_cfg.overrides.task) if hydra_cfg else ()
     try:
-        if cfg.distributed.nproc_per_node > 1 and not launched():
-            from lorasweep.launcher import run_launched
-
-            metrics = run_launched(cfg.distributed.launcher, cfg.distributed.nproc_per_node,
-                                   overrides, cfg.output_dir)
+        nproc = cfg.distributed.nproc_per_node
+        placement = None if launched() else placement_for(hydra_cfg, nproc)
+        if placement is not None and (nproc > 1 or placement.own_process):
+            metrics = run_launched(cfg.distributed.launcher, nproc, overrides, cfg.output_dir,
+                                   placement)
         else:
+            if placement is not None and placement.threads:
+                import torch
+
+                torch.set_num_threads(placement.threads)  # this trial's share of the cores
             metrics = run(cfg, overrides=overrides)
         return objective_value(metrics, cfg.objective.metric)
     except UserError as exc:
