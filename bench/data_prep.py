@@ -13,39 +13,30 @@ the num_proc speed-up of the cold run.
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import pandas as pd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "src"))
-
-import datasets  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-import lorasweep.config  # noqa: E402,F401  (registers the schemas)
-from lorasweep.data import prepare_data, tokenize_splits  # noqa: E402
+from _common import ROOT, compose_train
 
 
 def build_table(rows: int, path: str) -> None:
-    sample = pd.read_parquet(os.path.join(ROOT, "data/sample_ledger/ledger.parquet"))
+    sample = pd.read_parquet(ROOT / "data" / "sample_ledger" / "ledger.parquet")
     table = sample.sample(n=rows, replace=True, random_state=0).reset_index(drop=True)
     table["amount"] = (table["amount"] * (1 + (table.index % 97) / 1000)).round(2)
     table.to_parquet(path, index=False)
 
 
 def data_config(path: str, cache_dir: str, num_proc: int):
-    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            "data=files", f"data.train_path={path}", "data.label_column=acct_code",
-            f"data.cache_dir={cache_dir}", f"data.num_proc={num_proc}", "output_dir=/unused"])
-    return cfg
+    return compose_train(["data=files", f"data.train_path={path}", "data.label_column=acct_code",
+                          f"data.cache_dir={cache_dir}", f"data.num_proc={num_proc}",
+                          "output_dir=/unused"])
 
 
 def timed(fn, *args, hf_cache=None):
+    import datasets
+
     """Time one call; `hf_cache`: a fresh datasets cache, so nothing from an earlier run is reused
     (load_dataset's Arrow copy of the parquet file, map's cache files)."""
     if hf_cache:
@@ -56,6 +47,11 @@ def timed(fn, *args, hf_cache=None):
 
 
 def main() -> None:
+    import datasets
+    from transformers import AutoTokenizer
+
+    from lorasweep.data import prepare_data, tokenize_splits
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=50_000)
     parser.add_argument("--num-proc", type=int, default=2)

@@ -28,12 +28,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _common import compose_train, fill_defaults
 
 QWEN2_0_5B = dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
@@ -62,34 +58,25 @@ def parse_args(argv=None):
     parser.add_argument("--gc", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--json-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    defaults = ({"seq_len": 64, "batch_size": 2, "steps": 4, "warmup": 1} if args.tiny
-                else {"seq_len": 512, "batch_size": 8, "steps": 20, "warmup": 5})
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+    return fill_defaults(args, tiny={"seq_len": 64, "batch_size": 2, "steps": 4, "warmup": 1},
+                         full={"seq_len": 512, "batch_size": 8, "steps": 20, "warmup": 5})
 
 
 def compose_config(args, work: str, deepspeed: str, gc: bool):
     """conf/train.yaml with the tiny_qwen2 tokenizer and the benchmark's shapes and settings."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from lorasweep import config as _config  # noqa: F401  (registers the schemas conf/ uses)
-
     on_gpu = not args.tiny
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            "model=tiny_qwen2", f"deepspeed={deepspeed}", "tracking=none",
-            f"model.gradient_checkpointing={gc}",
-            f"model.dtype={'bfloat16' if on_gpu else 'float32'}",
-            f"training.mixed_precision={'bf16' if on_gpu else 'no'}",
-            f"training.max_steps={args.steps}",
-            f"training.per_device_train_batch_size={args.batch_size}",
-            "training.eval_strategy=no", "training.save_strategy=no",
-            "training.disable_tqdm=true", "training.logging_steps=1000000",
-            "training.warmup_steps=0", f"output_dir={work}/run",
-            f"data.cache_dir={work}/cache"])
+    cfg = compose_train([
+        "model=tiny_qwen2", f"deepspeed={deepspeed}", "tracking=none",
+        f"model.gradient_checkpointing={gc}",
+        f"model.dtype={'bfloat16' if on_gpu else 'float32'}",
+        f"training.mixed_precision={'bf16' if on_gpu else 'no'}",
+        f"training.max_steps={args.steps}",
+        f"training.per_device_train_batch_size={args.batch_size}",
+        "training.eval_strategy=no", "training.save_strategy=no",
+        "training.disable_tqdm=true", "training.logging_steps=1000000",
+        "training.warmup_steps=0", f"output_dir={work}/run", f"data.cache_dir={work}/cache"])
     with open_dict(cfg):
         cfg.model.arch = dict(TINY if args.tiny else QWEN2_0_5B)
     return cfg

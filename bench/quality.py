@@ -12,15 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _common import compose_train
 
 
 def parse_args(argv=None):
@@ -31,13 +26,7 @@ def parse_args(argv=None):
 
 
 def compose_config(overrides, output_dir: str):
-    from hydra import compose, initialize_config_dir
-
-    from lorasweep import config as _config  # noqa: F401  (registers the schemas conf/ uses)
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train",
-                       overrides=["tracking=none", *overrides, f"output_dir={output_dir}"])
+    return compose_train(["tracking=none", *overrides, f"output_dir={output_dir}"])
 
 
 def baseline_split_texts(cfg):

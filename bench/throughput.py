@@ -19,15 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from _common import ROOT, compose_train, fill_defaults
 
 
 def parse_args(argv=None):
@@ -41,25 +36,18 @@ def parse_args(argv=None):
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.max_length=128")
     args = parser.parse_args(argv)
     # Defaults sized so the MiniLM run takes a few minutes on 2 CPU cores.
-    defaults = ({"steps": 4, "pad_steps": 3, "warmup": 1, "repeats": 1} if args.tiny
-                else {"steps": 40, "pad_steps": 6, "warmup": 2, "repeats": 2})
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_defaults(args, tiny={"steps": 4, "pad_steps": 3, "warmup": 1, "repeats": 1},
+                  full={"steps": 40, "pad_steps": 6, "warmup": 2, "repeats": 2})
     args.model = "tiny_bert" if args.tiny else "minilm"
     return args
 
 
 def compose_config(overrides, output_dir: str, cache_dir: str):
     """The real config tree (conf/train.yaml), as the CLI would compose it, validated."""
-    from hydra import compose, initialize_config_dir
-
     from lorasweep.config import validate
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            "tracking=none", *overrides, f"output_dir={output_dir}",
-            f"data.cache_dir={cache_dir}"])
+    cfg = compose_train(["tracking=none", *overrides, f"output_dir={output_dir}",
+                         f"data.cache_dir={cache_dir}"])
     validate(cfg)
     return cfg
 

@@ -131,10 +131,21 @@ def configure_logging(log_all_ranks: bool) -> None:
     if quiet:
         datasets.disable_progress_bars()
     if world_size() > 1:
-        prefix = f"[rank{rank()}] "
         for handler in logging.getLogger().handlers:
-            if handler.formatter is not None and not handler.formatter._fmt.startswith("[rank"):
-                handler.setFormatter(logging.Formatter(prefix + handler.formatter._fmt))
+            if not isinstance(handler.formatter, RankFormatter):
+                handler.setFormatter(RankFormatter(handler.formatter, rank()))
+
+
+class RankFormatter(logging.Formatter):
+    """Prefixes what another formatter writes with `[rankN] `, so interleaved lines tell apart."""
+
+    def __init__(self, inner: logging.Formatter | None, rank_: int) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+        self.prefix = f"[rank{rank_}] "
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.prefix + self.inner.format(record)
 
 
 def destroy_process_group() -> None:
