@@ -140,6 +140,7 @@ def test_a_tokenized_dataset_dict_is_used_as_it_is(tmp_path):
     meta = prepared.metadata
     assert meta["rows"] == {"train": 200, "validation": 50, "test": 50}
     assert meta["token_length_sample_size"] == 200 and meta["token_length"]["p99"] <= 32
+    assert not (tmp_path / "cache" / "prepared").exists()  # used in place, never copied
 
 
 def test_an_untokenized_dataset_dict_is_tokenized_and_its_cache_key_is_stable(tmp_path, caplog):

@@ -289,10 +289,12 @@ def _load_hf_disk(data_cfg) -> tuple[datasets.DatasetDict, List[str], Dict[str, 
 
 
 def prepare_pretokenized(loaded: datasets.DatasetDict, data_cfg, tokenizer) -> PreparedData:
-    """A DatasetDict that already has input_ids (the seeds' input): used as it is.
+    """A DatasetDict that already has input_ids (the seeds' input): used in place, not cached
+    (there is nothing to tokenize, and a copy of a large dataset would only cost disk).
 
-    Class ids are kept: names come from a ClassLabel feature, else the ids are the names. The
-    decoded text is kept beside the label so prediction reports still show what the model saw.
+    Class ids are kept: names come from a ClassLabel feature, else the ids are the names. For
+    validation and test the decoded text is kept beside the label, so the prediction reports show
+    what the model saw; train keeps only its labels (decoding every train row buys nothing).
     """
     path, column = data_cfg.train_path, data_cfg.label_column
     for name in SPLITS:
@@ -308,7 +310,8 @@ def prepare_pretokenized(loaded: datasets.DatasetDict, data_cfg, tokenizer) -> P
         for name, split in loaded.items() if name in SPLITS})
     raw = datasets.DatasetDict({
         name: datasets.Dataset.from_dict({
-            "text": tokenizer.batch_decode(list(split["input_ids"]), skip_special_tokens=True),
+            "text": (tokenizer.batch_decode(list(split["input_ids"]), skip_special_tokens=True)
+                     if name != "train" else [""] * len(split)),
             column: [label_map.labels[i] for i in split["labels"]]})
         for name, split in tokenized.items()})
     settings = {"text_columns": ["text"], "separator": "", "include_column_names": False,
@@ -316,7 +319,7 @@ def prepare_pretokenized(loaded: datasets.DatasetDict, data_cfg, tokenizer) -> P
     import pyarrow.compute as pc
 
     lengths = pc.list_value_length(tokenized["train"].with_format("arrow")["input_ids"])
-    meta = diagnostics(raw, lengths.to_numpy(zero_copy_only=False), raw["train"]["text"][0],
+    meta = diagnostics(raw, lengths.to_numpy(zero_copy_only=False), raw["test"]["text"][0],
                        data_cfg, settings, label_map)
     meta["split"] = {"split": "given (load_from_disk, pre-tokenized)"}
     meta["serialization"] = settings
@@ -643,6 +646,10 @@ def prepare_data(data_cfg, tokenizer) -> PreparedData:
     Rank 0 prepares first and fills the cache; the other ranks then load it. A bad input raises on
     rank 0 inside the block and, after the barrier, on every other rank too.
     """
+    if data_cfg.source == "hf_disk":
+        loaded = load_dataset_dict(data_cfg.train_path)
+        if "input_ids" in loaded["train"].column_names:  # tokenized already: used in place
+            return prepare_pretokenized(loaded, data_cfg, tokenizer)
     key = prepared_key(data_cfg, tokenizer)
     path = os.path.join(data_cfg.cache_dir, "prepared", key)
     with distributed.rank_zero_first():
@@ -659,10 +666,6 @@ def prepare_data(data_cfg, tokenizer) -> PreparedData:
 
 
 def build_prepared(data_cfg, tokenizer) -> PreparedData:
-    if data_cfg.source == "hf_disk":
-        loaded = load_dataset_dict(data_cfg.train_path)
-        if "input_ids" in loaded["train"].column_names:
-            return prepare_pretokenized(loaded, data_cfg, tokenizer)
     splits, text_columns, split_report = load_splits(data_cfg)
     label_map = build_label_map(splits["train"][data_cfg.label_column], data_cfg.max_classes,
                                 data_cfg.dummy_prefix)
