@@ -6,7 +6,6 @@ import logging
 import os
 import random
 import shutil
-import socket
 import subprocess
 import time
 
@@ -16,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import CONF, run_cli
+from lorasweep.distributed import free_port
 from lorasweep.errors import ConfigError
 from lorasweep.launcher import launcher_command, place_trial, trials_at_once
 from lorasweep.sweep import (IMPORTANCE_PNG, made_or_none, param_importances, plot_importances,
@@ -135,12 +135,6 @@ def test_a_failing_trial_does_not_stop_the_sweep(tmp_path):
     failed = [c for c in children if c.info.status == "FAILED"]
     assert len(failed) == trials.count(",FAIL,")
     assert "lora.r=-1" in failed[0].data.tags["failure_reason"]
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -18,6 +18,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lorasweep.errors import ConfigError
 
+# conf/ at the repository root: what train.py, predict.py and export.py compose from.
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "conf")
 
 def package_dir(module_name: str, subdir: str = "") -> str:
     """Directory of an installed package (plus `subdir`): how offline model packages are found."""

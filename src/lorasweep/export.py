@@ -25,10 +25,9 @@ from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import MISSING, DictConfig  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
+from lorasweep.config import CONF_DIR  # noqa: E402
 from lorasweep.errors import ConfigError, UserError, exit_with_user_error, run_cli  # noqa: E402
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "conf")
 SERIALIZATION_FILE = "lorasweep_serialization.json"
 
 

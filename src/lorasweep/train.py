@@ -19,13 +19,10 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from lorasweep import config as _config  # noqa: E402,F401  (registers the schemas)
+from lorasweep.config import CONF_DIR  # noqa: E402  (importing it registers the schemas)
 from lorasweep.distributed import (agree_on_run_dir, destroy_process_group,  # noqa: E402
                                    launched, strip_local_rank_arg)
 from lorasweep.errors import UserError, exit_with_user_error, run_cli  # noqa: E402
-
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
