@@ -1,6 +1,11 @@
 """Generate the shipped sample ledger: synthetic accounting rows -> account code.
 
-    python data/sample_ledger/generate.py            # rewrites data/sample_ledger/ledger.parquet
+    python data/sample_ledger/generate.py            # rewrites ledger.parquet and new_vendors/
+
+Two data sets come out of it. `ledger.parquet` (4,000 rows, split by lorasweep) is the demo.
+`new_vendors/{train,validation,test}.parquet` is the harder, everyday case of account coding:
+validation and test rows come only from vendors that never appear in train (NEW_VENDORS below),
+so a model has to read the description, amount and VAT type instead of memorising vendor names.
 
 Deterministic (fixed seed, no wall clock): the committed parquet is exactly what this prints.
 The signal lives mostly in `vendor` and `description`; amount, VAT type and payment method help a
@@ -48,14 +53,33 @@ ACCOUNTS = {
     "41100": (35, ["Customer Transfer", "Stripe Payout", "Toss Payments"], ["product sales receipt", "invoice payment received", "customer settlement"], (500, 60000), ["VAT10", "ZERO"]),
     "41200": (18, ["Interest Credit", "Shinhan Bank", "KB Kookmin"], ["deposit interest", "interest income"], (1, 900), ["EXEMPT"]),
 }
+# Vendors held out of train in new_vendors/: two per code, none of them in ACCOUNTS.
+NEW_VENDORS = {
+    "81100": ["Paper Planet", "Desk Supply Co"], "81200": ["Incheon Power", "Busan City Gas"],
+    "81300": ["Hello Mobile", "SK Broadband"], "81400": ["Jeju Air", "Marriott Seoul"],
+    "81500": ["Twosome Place", "Bibigo Kitchen"], "81600": ["TikTok Ads", "Daum Ads"],
+    "81700": ["Oracle Cloud", "NHN Cloud"], "81800": ["Figma", "GitHub"],
+    "81900": ["Fastfive", "Spark Plus"], "82000": ["Yulchon LLC", "EY Hanyoung"],
+    "82100": ["Meritz Fire", "KB Insurance"], "82200": ["Hyundai Oilbank", "E1 Station"],
+    "82300": ["Lotte Global Logistics", "UPS"], "82400": ["Udemy", "Class101"],
+    "82500": ["Hana Bank", "NH Bank"], "82600": ["ADT Caps", "Cesco"],
+    "82700": ["Save the Children", "World Vision"], "51100": ["Seah Steel", "Hyundai BNG Steel"],
+    "51200": ["SK On", "Lotte Chemical"], "51300": ["Asia Paper", "Samyang Packaging"],
+    "14100": ["HP Store", "Asus"], "14200": ["Sidiz", "Iloom"],
+    "25100": ["Gangnam District Office", "Busan Metropolitan"], "25200": ["Employment Insurance",
+                                                                          "KCOMWEL"],
+    "41100": ["Naver Pay Settlement", "KG Inicis"], "41200": ["Hana Bank", "Interest Payment"],
+}
 GENERIC_VENDORS = ["Coupang", "Gmarket", "11st", "Amazon", "Naver Pay", "Card Merchant"]
 VAGUE_WORDS = ["misc purchase", "payment", "invoice", "monthly charge", "order"]
 DEPARTMENTS = ["Finance", "Sales", "R&D", "Operations", "HR", "Marketing", "IT"]
 PAYMENTS = ["corporate card", "bank transfer", "auto debit", "cash"]
 
 
-def make_row(rng: random.Random, code: str) -> dict:
+def make_row(rng: random.Random, code: str, new_vendors: bool = False) -> dict:
     _, vendors, words, (low, high), vat_types = ACCOUNTS[code]
+    if new_vendors:
+        vendors = NEW_VENDORS[code]
     generic_vendor = rng.random() < 0.25
     vague_description = rng.random() < 0.2
     if generic_vendor and vague_description:  # keep at least one strong field per row
@@ -83,17 +107,28 @@ def flip_label(rng: random.Random, code: str) -> str:
     return rng.choice(siblings) if siblings else code
 
 
-def generate() -> pd.DataFrame:
-    rng = random.Random(SEED)
+def generate(n_rows: int = N_ROWS, seed: int = SEED, new_vendors: bool = False) -> pd.DataFrame:
+    rng = random.Random(seed)
     codes = list(ACCOUNTS)
     weights = [ACCOUNTS[c][0] for c in codes]
     rows = []
-    for code in rng.choices(codes, weights=weights, k=N_ROWS):
-        row = make_row(rng, code)
+    for code in rng.choices(codes, weights=weights, k=n_rows):
+        row = make_row(rng, code, new_vendors)
         if rng.random() < 0.02:
             row["acct_code"] = flip_label(rng, code)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def write_new_vendor_splits() -> None:
+    """Train from the known vendors; validation and test from NEW_VENDORS only."""
+    out = OUT.with_name("new_vendors")
+    out.mkdir(exist_ok=True)
+    splits = {"train": generate(3200, SEED + 1), "validation": generate(400, SEED + 2, True),
+              "test": generate(400, SEED + 3, True)}
+    for name, frame in splits.items():
+        frame.to_parquet(out / f"{name}.parquet", index=False)
+        print(f"wrote {out / name}.parquet ({len(frame)} rows)")
 
 
 if __name__ == "__main__":
@@ -102,3 +137,4 @@ if __name__ == "__main__":
     counts = frame["acct_code"].value_counts()
     print(f"wrote {OUT} ({len(frame)} rows, {counts.size} codes)")
     print(counts.to_string())
+    write_new_vendor_splits()

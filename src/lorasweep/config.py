@@ -46,6 +46,10 @@ class ModelConfig:
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     classifier_dropout: Optional[float] = None
+    # probe: before training, fit a logistic regression on the frozen model's head inputs over
+    # the train split and start the head from it (the head then does not learn from scratch
+    # while the encoder drifts); random: the head as from_pretrained initialises it.
+    head_init: str = "probe"
 
 
 @dataclass
@@ -94,6 +98,10 @@ class TrainingSettings:
     train_sampling_strategy: str = "group_by_length"
     dataloader_num_workers: int = 0
     disable_tqdm: bool = False
+    # End with the weights of the best evaluation by objective.metric, not the last ones; needs
+    # save_strategy == eval_strategy (checkpoints are how the Trainer keeps the best weights).
+    load_best_model_at_end: bool = False
+    early_stopping_patience: Optional[int] = None  # evaluations without improvement; None: off
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -174,6 +182,9 @@ class TrainConfig:
     seed: int = 42
     output_dir: str = MISSING
     resume: str = "auto"  # auto | never | <checkpoint path>
+    # tfidf: fit TF-IDF + logistic regression on the same train split and report it beside the
+    # model (eval_baseline_*, test_baseline_*); none: skip
+    baseline: str = "tfidf"
     log_all_ranks: bool = False
 
 
@@ -199,6 +210,8 @@ register_configs()
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.head_init": ("probe", "random"),
+    "baseline": ("tfidf", "none"),
     "lora.bias": ("none", "all", "lora_only"),
     "lora.task_type": ("SEQ_CLS",),
     "training.mixed_precision": ("no", "bf16", "fp16"),
@@ -264,6 +277,16 @@ def _combination_errors(cfg: DictConfig) -> List[str]:
     if cfg.loss.weight_min <= 0 or cfg.loss.weight_min > cfg.loss.weight_max:
         errors.append(f"loss.weight_min={cfg.loss.weight_min}, loss.weight_max="
                       f"{cfg.loss.weight_max}: expected 0 < weight_min <= weight_max")
+    training = cfg.training
+    if training.load_best_model_at_end and training.eval_strategy == "no":
+        errors.append("training.load_best_model_at_end=true needs evaluations: "
+                      "training.eval_strategy=epoch or steps")
+    elif training.load_best_model_at_end and training.save_strategy != training.eval_strategy:
+        errors.append(f"training.load_best_model_at_end=true: training.save_strategy="
+                      f"{training.save_strategy} must equal training.eval_strategy="
+                      f"{training.eval_strategy} (the best weights are kept as checkpoints)")
+    if training.early_stopping_patience is not None and not training.load_best_model_at_end:
+        errors.append("training.early_stopping_patience needs training.load_best_model_at_end=true")
     if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
         errors.append(f"resume={cfg.resume!r}: expected auto, never or an existing checkpoint dir")
     return errors

@@ -16,22 +16,24 @@ import numpy as np
 import torch
 
 from omegaconf import DictConfig
-from transformers import set_seed
+from transformers import DataCollatorWithPadding, set_seed
 
 from lorasweep import __version__, distributed, outputs, reports
 from lorasweep.config import validate
-from lorasweep.data import PreparedData, format_diagnostics, prepare_data
+from lorasweep.baseline import tfidf_baseline
+from lorasweep.data import SPLITS, PreparedData, format_diagnostics, prepare_data
 from lorasweep.deepspeed_config import (build_deepspeed_config, count_model_parameters,
                                         estimate_model_state_memory, zero_stage)
 from lorasweep.errors import ConfigError, one_line
 from lorasweep.losses import build_loss
-from lorasweep.metrics import hierarchy_metrics
+from lorasweep.metrics import METRIC_NAMES, hierarchy_metrics
 from lorasweep.modeling import (apply_lora, base_model_path, build_model, count_parameters,
                                load_tokenizer)
 from lorasweep.tracking import (Tracker, TrackingCallback, flatten_params, git_commit,
                                 resolve_uri, start_tracker)
-from lorasweep.training import (build_trainer, build_training_arguments, evaluate_split,
-                                find_resume_checkpoint, save_model)
+from lorasweep.training import (best_epoch, build_trainer, build_training_arguments,
+                                evaluate_split, find_resume_checkpoint, save_model)
+from lorasweep.warmstart import warm_start_head
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +67,24 @@ def run(cfg: DictConfig, overrides: tuple = ()) -> Dict[str, Any]:
 
 
 def run_summary(metrics: Dict[str, Any], cfg: DictConfig, tracker: Tracker) -> str:
-    """The closing table: eval/test metrics, the objective, where the outputs went."""
-    names = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro", "loss")
+    """The closing table: the model beside the probe and TF-IDF baselines, the objective, the
+    verdict against the baseline, where the outputs went."""
+    systems = [("model", "")] + [(label, infix) for label, infix in COMPARED
+                                 if f"eval_{infix}f1_macro" in metrics]
+    header = "".join(f"{f'{label} val':>14}{f'{label} test':>14}" for label, _ in systems)
     lines = ["", f"lorasweep: run finished in {metrics['wall_time_s']:.0f} s",
-             f"  {'metric':<18}{'validation':>12}{'test':>10}"]
-    for name in names:
-        lines.append(f"  {name:<18}{metrics.get('eval_' + name, float('nan')):>12.4f}"
-                     f"{metrics.get('test_' + name, float('nan')):>10.4f}")
-    lines.append(f"  objective {cfg.objective.metric} = {metrics.get(cfg.objective.metric)}")
+             f"  {'metric':<18}{header}"]
+    for name in (*METRIC_NAMES, "loss"):
+        cells = "".join(f"{metrics.get(f'eval_{infix}{name}', float('nan')):>14.4f}"
+                        f"{metrics.get(f'test_{infix}{name}', float('nan')):>14.4f}"
+                        for _, infix in systems)
+        lines.append(f"  {name:<18}{cells}")
+    best = metrics.get("best_epoch")
+    lines.append(f"  objective {cfg.objective.metric} = {metrics.get(cfg.objective.metric)}"
+                 + (f" (best epoch {best:g})" if best is not None else ""))
+    verdict = baseline_verdict(metrics, cfg.objective.metric)
+    if verdict:
+        lines.append(f"  {verdict}")
     lines.append(f"  outputs: {os.path.abspath(cfg.output_dir)}")
     if tracker.run_id:
         uri = tracker_uri(cfg)
@@ -80,6 +92,23 @@ def run_summary(metrics: Dict[str, Any], cfg: DictConfig, tracker: Tracker) -> s
         if uri.startswith("sqlite:"):
             lines.append(f"  view it: mlflow ui --backend-store-uri {uri}")
     return "\n".join(lines)
+
+
+# The systems every run is compared with, as (column label, metric-name infix).
+COMPARED = (("probe", "probe_"), ("tfidf", "baseline_"))
+
+
+def baseline_verdict(metrics: Dict[str, Any], objective: str) -> Optional[str]:
+    """One line when the model's objective is below the TF-IDF baseline's on the same split."""
+    prefix, _, name = objective.partition("_")
+    ours, theirs = metrics.get(objective), metrics.get(f"{prefix}_baseline_{name}")
+    if ours is None or theirs is None or "baseline_" in objective or "probe_" in objective:
+        return None
+    lower_is_better = name == "loss"
+    if (ours < theirs) != lower_is_better and ours != theirs:
+        return (f"WARNING: the model's {objective} {ours:.4f} is below the TF-IDF + logistic "
+                f"regression baseline's {theirs:.4f} (by {abs(theirs - ours):.4f})")
+    return None
 
 
 def tracker_uri(cfg: DictConfig) -> str:
@@ -96,25 +125,30 @@ def train_and_save(cfg: DictConfig, tracker: Tracker,
         total, largest = count_model_parameters(base_path, cfg.model.trust_remote_code)
         log.info("%s", estimate_model_state_memory(ds_config, total, largest,
                                                    distributed.world_size()))
-    args = build_training_arguments(cfg.training, run_dir, cfg.seed, ds_config)
+    args = build_training_arguments(cfg.training, run_dir, cfg.seed, ds_config,
+                                    cfg.objective.metric)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer)
     if distributed.is_rank_zero():
         log.info("%s", format_diagnostics(data.metadata))
         write_data_files(cfg, data, run_dir)
     model = build_model(cfg.model, data.label_map, tokenizer, base_path)
-    model = apply_lora(model, cfg.lora)
     loss_fn = build_loss(cfg.loss, data.tokenized["train"]["labels"], len(data.label_map.labels))
-    trainer = build_trainer(model, args, data.tokenized, tokenizer, loss_fn,
-                            [TrackingCallback(tracker)])
     resume_from = find_resume_checkpoint(cfg.resume, run_dir)
+    comparison = warm_start(cfg, model, data, tokenizer, loss_fn, resume_from)
+    model = apply_lora(model, cfg.lora)
+    trainer = build_trainer(model, args, data.tokenized, tokenizer, loss_fn,
+                            [TrackingCallback(tracker)], cfg.training.early_stopping_patience)
     if resume_from:
         log.info("resuming from %s", resume_from)
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     eval_metrics, eval_probs = evaluate_split(trainer, data.tokenized["validation"], "eval")
     test_metrics, test_probs = evaluate_split(trainer, data.tokenized["test"], "test")
     save_model(trainer, run_dir, tokenizer, cfg.lora.enable)
-    metrics = {**train_result.metrics, **eval_metrics, **test_metrics}
+    if distributed.is_rank_zero() and cfg.baseline == "tfidf":
+        comparison.update(baseline_metrics(data) or {})
+    metrics = {**train_result.metrics, **eval_metrics, **test_metrics, **comparison}
+    metrics["best_epoch"] = best_epoch(trainer)
     labels = data.label_map.labels
     test_pred, test_true = test_probs.argmax(axis=-1), np.asarray(data.tokenized["test"]["labels"])
     hierarchy = hierarchy_metrics(test_pred, test_true, labels, cfg.metrics.hierarchy_prefixes)
@@ -134,6 +168,32 @@ def train_and_save(cfg: DictConfig, tracker: Tracker,
         log_artifacts(tracker, cfg, run_dir, report_files)
     distributed.barrier()
     return metrics
+
+
+def warm_start(cfg: DictConfig, model, data: PreparedData, tokenizer, loss_fn,
+               resume_from: Optional[str]) -> Dict[str, float]:
+    """`model.head_init=probe`: start the head from a linear probe of the frozen model; return
+    the probe's scores. A resumed run takes its head from the checkpoint instead."""
+    if cfg.model.head_init != "probe":
+        return {}
+    if resume_from:
+        log.info("head warm start: skipped, the head comes from %s", resume_from)
+        return {}
+    return warm_start_head(model, data.tokenized, DataCollatorWithPadding(tokenizer),
+                           len(data.label_map.labels), tokenizer.pad_token_id,
+                           loss_fn.weights.numpy() if loss_fn.weights is not None else None,
+                           cfg.training.per_device_eval_batch_size)
+
+
+def baseline_metrics(data: PreparedData) -> Optional[Dict[str, float]]:
+    """TF-IDF + logistic regression on the same split's serialized text (rank 0 only)."""
+    if data.serialization.get("pretokenized"):
+        log.info("baseline: skipped, a tokenized DatasetDict has no train text to fit it on")
+        return None
+    label_ids = {split: data.tokenized[split]["labels"] for split in SPLITS}
+    return tfidf_baseline((data.texts("train"), label_ids["train"]),
+                          {"eval": (data.texts("validation"), label_ids["validation"]),
+                           "test": (data.texts("test"), label_ids["test"])})
 
 
 def _checkpoint_step(path) -> int:

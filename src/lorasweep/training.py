@@ -10,24 +10,36 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 from torch.utils.data import SequentialSampler
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, Trainer,
+                          TrainingArguments)
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lorasweep import distributed, outputs
 from lorasweep.callbacks import SpeedMemoryCallback
 from lorasweep.errors import ConfigError
-from lorasweep.metrics import compute_metrics
+from lorasweep.metrics import METRIC_NAMES, compute_metrics
 
 log = logging.getLogger(__name__)
 
 # Keys of training.* that are ours, not TrainingArguments'.
-OWN_KEYS = ("mixed_precision", "extra")
+OWN_KEYS = ("mixed_precision", "early_stopping_patience", "extra")
+# What the Trainer's own evaluations report (compute_metrics + loss): what it can select on.
+EVAL_METRICS = tuple(f"eval_{name}" for name in (*METRIC_NAMES, "loss"))
+
+
+def best_model_metric(objective_metric: str) -> str:
+    """The objective when the Trainer's evaluations report it, else eval_f1_macro (a test_ or
+    baseline metric cannot choose an epoch)."""
+    return objective_metric if objective_metric in EVAL_METRICS else "eval_f1_macro"
 
 
 def build_training_arguments(train_cfg, run_dir: str, seed: int,
-                             ds_config: Optional[Dict[str, Any]]) -> TrainingArguments:
+                             ds_config: Optional[Dict[str, Any]],
+                             objective_metric: str = "eval_f1_macro") -> TrainingArguments:
     """Build before `from_pretrained`: with a ZeRO-3 dict, the model then loads partitioned."""
     kwargs = {k: v for k, v in dict(train_cfg).items() if k not in OWN_KEYS}
+    if train_cfg.load_best_model_at_end:  # greater_is_better follows: False only for *loss
+        kwargs["metric_for_best_model"] = best_model_metric(objective_metric)
     kwargs.update(
         output_dir=os.path.join(run_dir, outputs.CHECKPOINT_DIR),
         bf16=train_cfg.mixed_precision == "bf16",
@@ -68,8 +80,10 @@ class OrderedEvalTrainer(Trainer):
 
 
 def build_trainer(model, args: TrainingArguments, tokenized, tokenizer, loss_fn,
-                  callbacks: List) -> Trainer:
+                  callbacks: List, early_stopping_patience: Optional[int] = None) -> Trainer:
     collator = DataCollatorWithPadding(tokenizer)
+    if early_stopping_patience is not None:
+        callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience)]
     return OrderedEvalTrainer(
         model=model, args=args, train_dataset=tokenized["train"],
         eval_dataset=tokenized["validation"], data_collator=collator,
@@ -106,6 +120,17 @@ def find_resume_checkpoint(resume: str, run_dir: str) -> Optional[str]:
             else:
                 log.warning("ignoring incomplete checkpoint %s", path)
     return max(candidates)[1] if candidates else None
+
+
+def best_epoch(trainer: Trainer) -> Optional[float]:
+    """The epoch of the checkpoint the Trainer ended with (load_best_model_at_end), else None."""
+    best = trainer.state.best_model_checkpoint
+    if not (trainer.args.load_best_model_at_end and best):
+        return None
+    step = int(os.path.basename(os.path.normpath(best)).split("-")[-1])
+    epochs = [e["epoch"] for e in trainer.state.log_history
+              if e.get("step") == step and "epoch" in e]
+    return epochs[-1] if epochs else None
 
 
 def evaluate_split(trainer: Trainer, dataset, prefix: str) -> tuple[Dict[str, float], np.ndarray]:

@@ -1,0 +1,163 @@
+"""Head warm start (linear probe -> head), best-epoch selection and the TF-IDF baseline: unit
+tests on the probe's arithmetic, and real CLI runs (1 process, and 2 ranks under ZeRO-3)."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from conftest import SMOKE, assert_reload_reproduces_predictions, run_cli
+from lorasweep.warmstart import fit_probe, head_digest, head_inputs, head_layer
+
+SPLIT_METRICS = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro")
+NO_TRAINING = ["training.max_steps=-1", "training.num_train_epochs=0"]
+
+
+def blobs(n_classes=4, rows=200, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (n_classes, dim))
+    labels = rng.integers(0, n_classes, rows)
+    return centres[labels] + rng.normal(0, 1, (rows, dim)) + 5.0, labels  # offset: not centred
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_the_folded_head_predicts_what_the_probe_predicts(with_bias):
+    from sklearn.linear_model import LogisticRegression
+
+    features, labels = blobs()
+    weight, bias = fit_probe(features, labels, 6, with_bias, None)  # slots 4, 5: no train rows
+    assert weight.shape == (6, 8) and (bias is None) == (not with_bias)
+    logits = features @ weight.T + (0 if bias is None else bias)
+    assert set(logits.argmax(-1)) <= {0, 1, 2, 3}, "a class without train rows was predicted"
+    scale = features.std(axis=0).mean() + 1e-6
+    shift = features.mean(axis=0) if with_bias else 0
+    reference = LogisticRegression(max_iter=300, fit_intercept=with_bias).fit(
+        (features - shift) / scale, labels)
+    assert (logits.argmax(-1) == reference.predict((features - shift) / scale)).all()
+    assert (logits.argmax(-1) == labels).mean() > 0.9
+
+
+def test_two_classes_give_two_head_rows():
+    features, labels = blobs(n_classes=2)
+    weight, bias = fit_probe(features, labels, 2, True, None)
+    assert weight.shape == (2, 8)
+    assert ((features @ weight.T + bias).argmax(-1) == labels).mean() > 0.9
+
+
+def test_head_inputs_of_a_decoder_are_its_last_non_pad_token():
+    """Qwen2-shaped `score` head: the probe sees the hidden state of the last real token, the
+    position `*ForSequenceClassification` reads its logits from."""
+    from transformers import Qwen2Config, Qwen2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=3,
+                         pad_token_id=0)
+    model = Qwen2ForSequenceClassification(config).eval()
+    rows = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1]},
+            {"input_ids": [8, 9, 10, 11, 12], "attention_mask": [1] * 5}]
+
+    def collate(batch):
+        width = max(len(r["input_ids"]) for r in batch)
+        return {k: torch.tensor([r[k] + [0] * (width - len(r[k])) for r in batch])
+                for k in ("input_ids", "attention_mask")}
+
+    import datasets
+
+    dataset = datasets.Dataset.from_list(rows)
+    head = head_layer(model, 3)
+    assert head is model.score
+    features = head_inputs(model, head, dataset, collate, batch_size=2, pad_token_id=0)
+    with torch.no_grad():
+        logits = model(**collate(rows)).logits.numpy()
+    np.testing.assert_allclose(features @ head.weight.detach().numpy().T, logits, rtol=1e-4,
+                               atol=1e-5)
+
+
+def metrics_of(run):
+    return json.loads((run / "metrics.json").read_text())
+
+
+def logged_head_digests(output: str):
+    return re.findall(r"head warm start: .* head ([0-9a-f]{12})", output)
+
+
+def saved_head_digest(run):
+    tensors = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    weight = next(v for k, v in tensors.items() if k.endswith("classifier.weight"))
+    bias = next(v for k, v in tensors.items() if k.endswith("classifier.bias"))
+    return head_digest(weight, bias)
+
+
+@pytest.mark.slow
+def test_without_training_the_model_predicts_what_the_probe_predicts(tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli([*SMOKE, *NO_TRAINING, f"hydra.run.dir={run}",
+                    f"data.cache_dir={tmp_path / 'cache'}"], tmp_path, check=True)
+    metrics = metrics_of(run)
+    for split in ("eval", "test"):
+        for name in SPLIT_METRICS:
+            assert metrics[f"{split}_{name}"] == pytest.approx(metrics[f"{split}_probe_{name}"])
+    assert metrics["probe_seconds"] > 0
+    digests = logged_head_digests(proc.stdout + proc.stderr)
+    assert digests == [saved_head_digest(run)]
+    assert_reload_reproduces_predictions(run)
+    # the baseline sits beside the model in metrics.json and in the closing table
+    assert 0.0 <= metrics["test_baseline_f1_macro"] <= 1.0 and metrics["baseline_seconds"] > 0
+    assert "tfidf test" in proc.stdout and "probe test" in proc.stdout
+    assert "WARNING: the model's eval_f1_macro" in proc.stdout  # random tiny BERT < TF-IDF
+
+
+@pytest.mark.slow
+def test_every_zero3_rank_starts_from_the_same_probe_head(tmp_path):
+    """2 ranks, ZeRO-3 (the head is partitioned at load): each rank logs the head it set; they
+    agree, the saved adapter holds it, and evaluation sharded over both ranks scores exactly
+    what the probe scored."""
+    run = tmp_path / "run"
+    proc = run_cli(["model=tiny_bert", "training=smoke", "tracking=none", "deepspeed=zero3",
+                    *NO_TRAINING, "log_all_ranks=true", "baseline=none", f"hydra.run.dir={run}",
+                    f"data.cache_dir={tmp_path / 'cache'}"], tmp_path,
+                   launcher=("deepspeed", "--num_gpus", "2"), check=True)
+    digests = logged_head_digests(proc.stdout + proc.stderr)
+    assert len(digests) == 2 and len(set(digests)) == 1, digests
+    assert saved_head_digest(run) == digests[0]
+    metrics = metrics_of(run)
+    assert metrics["eval_f1_macro"] == pytest.approx(metrics["eval_probe_f1_macro"])
+    meta = json.loads((run / "model_metadata.json").read_text())
+    assert meta["zero_stage_engine"] == 3 and meta["world_size"] == 2
+    assert "test_baseline_f1_macro" not in metrics
+
+
+@pytest.mark.slow
+def test_the_run_ends_with_its_best_epoch_not_its_last(tmp_path):
+    """A constant, too-high learning rate: epoch 1's eval loss is the lowest (found with this
+    seed). The run must end with epoch 1's weights: its final eval loss is epoch 1's, not epoch
+    3's, and the saved adapter reproduces those predictions."""
+    import pandas as pd
+
+    from conftest import SAMPLE
+
+    csv = tmp_path / "small.csv"
+    pd.read_parquet(SAMPLE).sample(600, random_state=0).to_csv(csv, index=False)
+    run = tmp_path / "run"
+    run_cli([*SMOKE, "data=files", f"data.train_path={csv}", "data.label_column=acct_code",
+             "training.max_steps=-1", "training.num_train_epochs=3",
+             "training.eval_strategy=epoch", "training.save_strategy=epoch",
+             "training.load_best_model_at_end=true", "training.learning_rate=0.1",
+             "training.lr_scheduler_type=constant", "training.per_device_train_batch_size=16",
+             "model.head_init=random", "objective.metric=eval_loss", "baseline=none",
+             f"hydra.run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path,
+            check=True)
+    metrics = metrics_of(run)
+    last = max((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
+    history = json.loads((last / "trainer_state.json").read_text())["log_history"]
+    losses = {e["epoch"]: e["eval_loss"] for e in history if "eval_loss" in e}
+    assert sorted(losses) == [1.0, 2.0, 3.0]
+    best = min(losses, key=losses.get)
+    assert best < 3.0 and losses[3.0] > losses[best], losses  # the scenario this test needs
+    assert metrics["best_epoch"] == best
+    assert metrics["eval_loss"] == pytest.approx(losses[best], rel=1e-5)
+    assert_reload_reproduces_predictions(run)
