@@ -185,6 +185,8 @@ class TrainConfig:
     # tfidf: fit TF-IDF + logistic regression on the same train split and report it beside the
     # model (eval_baseline_*, test_baseline_*); none: skip
     baseline: str = "tfidf"
+    # debug: lorasweep's debug lines and all the library output it otherwise keeps quiet
+    log_level: str = "info"
     log_all_ranks: bool = False
 
 
@@ -212,6 +214,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.head_init": ("probe", "random"),
     "baseline": ("tfidf", "none"),
+    "log_level": ("debug", "info", "warning"),
     "lora.bias": ("none", "all", "lora_only"),
     "lora.task_type": ("SEQ_CLS",),
     "training.mixed_precision": ("no", "bf16", "fp16"),

@@ -19,6 +19,7 @@ import datasets
 import numpy as np
 
 from lorasweep import distributed
+from lorasweep.console import no_progress_bars
 from lorasweep.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
@@ -609,8 +610,9 @@ def save_prepared(prepared: PreparedData, path: str) -> None:
     """Write the whole prepared result to a temp dir and rename it into place, so a crash never
     leaves a half-written entry and a reader sees either nothing or everything."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    prepared.raw.save_to_disk(os.path.join(tmp, "raw"))
-    prepared.tokenized.save_to_disk(os.path.join(tmp, "tokenized"))
+    with no_progress_bars():
+        prepared.raw.save_to_disk(os.path.join(tmp, "raw"))
+        prepared.tokenized.save_to_disk(os.path.join(tmp, "tokenized"))
     payload = {"label_map": prepared.label_map.to_json(), "text_columns": prepared.text_columns,
                "serialization": prepared.serialization, "metadata": prepared.metadata}
     with open(os.path.join(tmp, "prepared.json"), "w") as fh:

@@ -118,13 +118,13 @@ def rank_zero_first() -> Iterator[None]:
             barrier()
 
 
-def configure_logging(log_all_ranks: bool) -> None:
+def configure_logging(log_all_ranks: bool, log_level: str = "info") -> None:
     """Ranks other than 0 log warnings and errors only, unless `log_all_ranks` is set."""
     import datasets
     import transformers
 
     quiet = not is_rank_zero() and not log_all_ranks
-    level = logging.WARNING if quiet else logging.INFO
+    level = logging.WARNING if quiet else getattr(logging, log_level.upper())
     logging.getLogger("lorasweep").setLevel(level)
     transformers.utils.logging.set_verbosity(logging.ERROR if quiet else logging.WARNING)
     datasets.utils.logging.set_verbosity(logging.ERROR if quiet else logging.WARNING)

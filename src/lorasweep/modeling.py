@@ -12,11 +12,13 @@ from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassificat
                           AutoTokenizer)
 
 from lorasweep import distributed
+from lorasweep.console import quiet_loading
 from lorasweep.data import LabelMap
 from lorasweep.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+HEAD_NAMES = ("classifier", "score")  # what *ForSequenceClassification models call the head
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -64,7 +66,8 @@ def random_base_model(model_cfg, cache_dir: str, seed: int) -> str:
             # Headless, like a pretrained checkpoint: the classifier is sized at load time.
             model = AutoModel.from_config(config)
             tmp = f"{path}.tmp-{os.getpid()}"
-            model.save_pretrained(tmp)
+            with quiet_loading():
+                model.save_pretrained(tmp)
             os.replace(tmp, path)
     return path
 
@@ -76,17 +79,33 @@ def build_model(model_cfg, label_map: LabelMap, tokenizer, base_path: str):
     already partitioned across ranks.
     """
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            base_path, dtype=DTYPES[model_cfg.dtype], ignore_mismatched_sizes=True,
-            trust_remote_code=model_cfg.trust_remote_code,
-            **_label_kwargs(model_cfg, label_map, tokenizer))
+        with quiet_loading():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                base_path, dtype=DTYPES[model_cfg.dtype], ignore_mismatched_sizes=True,
+                trust_remote_code=model_cfg.trust_remote_code, output_loading_info=True,
+                **_label_kwargs(model_cfg, label_map, tokenizer))
     except OSError as exc:
         raise ConfigError(f"model.name_or_path={base_path!r}: cannot load "
                           f"({' '.join(str(exc).split())[:200]})") from None
+    report_new_weights(info, len(label_map.labels))
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def report_new_weights(info: dict, num_labels: int) -> None:
+    """One line for the head we expect to be new; a warning for anything else the checkpoint
+    lacked (the encoder itself starting random is worth knowing)."""
+    new = sorted(set(info.get("missing_keys", [])) | {k[0] if isinstance(k, tuple) else k
+                                                      for k in info.get("mismatched_keys", [])})
+    heads = sorted({k.split(".")[0] for k in new if k.split(".")[0] in HEAD_NAMES})
+    others = [k for k in new if k.split(".")[0] not in HEAD_NAMES]
+    if heads and distributed.is_rank_zero():
+        log.info("new head: %s (%d labels)", ", ".join(heads), num_labels)
+    if others and distributed.is_rank_zero():
+        log.warning("not in the checkpoint, initialised at random: %s%s", ", ".join(others[:8]),
+                    f" and {len(others) - 8} more" if len(others) > 8 else "")
 
 
 def base_model_path(model_cfg, cache_dir: str, seed: int) -> str:

@@ -21,6 +21,7 @@ from transformers import DataCollatorWithPadding, set_seed
 from lorasweep import __version__, distributed, outputs, reports
 from lorasweep.config import validate
 from lorasweep.baseline import tfidf_baseline
+from lorasweep.console import silence_library_noise
 from lorasweep.data import SPLITS, PreparedData, format_diagnostics, prepare_data
 from lorasweep.deepspeed_config import (build_deepspeed_config, count_model_parameters,
                                         estimate_model_state_memory, zero_stage)
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig, overrides: tuple = ()) -> Dict[str, Any]:
     """Train, evaluate and save one model; return its metrics (also written to metrics.json)."""
-    distributed.configure_logging(cfg.log_all_ranks)
+    distributed.configure_logging(cfg.log_all_ranks, cfg.log_level)
+    silence_library_noise()
     tracker = start_tracker(cfg.tracking)
     status = "FAILED"
     try:  # a config that fails validation still gets a FAILED run with the reason (sweeps)

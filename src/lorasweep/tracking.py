@@ -41,6 +41,10 @@ class MlflowTracker(Tracker):
     def __init__(self, uri: str, experiment_name: str, run_name: Optional[str]):
         import mlflow
 
+        from lorasweep.console import verbose
+
+        if not verbose():  # mlflow resets its level on import: "Creating initial tables...", ...
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
         self.mlflow = mlflow
         mlflow.set_tracking_uri(uri)
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment_name

@@ -16,6 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lorasweep import distributed, outputs
 from lorasweep.callbacks import SpeedMemoryCallback
+from lorasweep.console import use_readable_logs
 from lorasweep.errors import ConfigError
 from lorasweep.metrics import METRIC_NAMES, compute_metrics
 
@@ -84,12 +85,14 @@ def build_trainer(model, args: TrainingArguments, tokenized, tokenizer, loss_fn,
     collator = DataCollatorWithPadding(tokenizer)
     if early_stopping_patience is not None:
         callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience)]
-    return OrderedEvalTrainer(
+    trainer = OrderedEvalTrainer(
         model=model, args=args, train_dataset=tokenized["train"],
         eval_dataset=tokenized["validation"], data_collator=collator,
         processing_class=tokenizer, compute_metrics=compute_metrics,
         compute_loss_func=loss_fn, callbacks=[SpeedMemoryCallback(), *callbacks],
     )
+    use_readable_logs(trainer)
+    return trainer
 
 
 def is_complete_checkpoint(path: str) -> bool:

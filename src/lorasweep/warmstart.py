@@ -26,15 +26,13 @@ from torch import nn
 
 from lorasweep import distributed
 from lorasweep.metrics import classification_metrics
+from lorasweep.modeling import HEAD_NAMES
 
 log = logging.getLogger(__name__)
 
 MAX_ITER = 300  # lbfgs iterations: bounds the fit's time (the warning at the cap is expected)
 C = 1.0  # on features scaled to unit average variance
 ABSENT_LOGIT = 10.0  # classes with no train row (dummy slots) start this far below the others
-
-
-HEAD_NAMES = ("classifier", "score")  # what *ForSequenceClassification models call the head
 
 
 def head_layer(model, num_labels: int) -> nn.Linear:
