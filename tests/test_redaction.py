@@ -26,7 +26,8 @@ def test_secret_key_names(key):
 
 @pytest.mark.parametrize("key", ["tokenizer_name_or_path", "model.tokenizer_name_or_path",
                                  "null_token", "pad_token", "pad_token_id", "max_tokens",
-                                 "include_num_input_tokens_seen", "key", "secretary_count", ""])
+                                 "include_num_input_tokens_seen", "key", "secretary_count",
+                                 "tracking.secret_keys", ""])
 def test_not_secret_key_names(key):
     assert not is_secret_key(key)
 
@@ -46,6 +47,7 @@ def test_masked_config_keeps_interpolations_and_resolves_the_rest(monkeypatch):
     assert masked["seed"] == MASK and masked["data"]["seed"] == MASK  # a user-named key
     assert masked["model"]["tokenizer_name_or_path"].endswith("model")  # resolved, not masked
     assert masked["data"]["null_token"] is None
+    assert masked["tracking"]["secret_keys"] == ["seed"]
 
 
 def test_interpolation_with_a_default_is_masked():

@@ -28,6 +28,8 @@ SECRET_WORDS = frozenset({"password", "passwd", "secret", "credential", "credent
 SECRET_PAIRS = frozenset({("api", "key"), ("access", "key"), ("private", "key")})
 # `<word>_token` holding text, not a credential: special tokens and data.null_token.
 TEXT_TOKENS = frozenset({"pad", "bos", "eos", "unk", "sep", "cls", "mask", "null"})
+# tracking.secret_keys holds names of secrets, not secrets.
+NOT_SECRET = frozenset({("secret", "keys")})
 # One interpolation with no default: a default (`${oc.env:X,abc}`) could be the secret itself.
 INTERPOLATION = re.compile(r"^\$\{[^${},]*\}$")
 
@@ -41,7 +43,7 @@ def key_words(name: str) -> List[str]:
 
 def is_secret_key(name: str, extra: Iterable[str] = ()) -> bool:
     words = key_words(name)
-    if not words:
+    if not words or tuple(words) in NOT_SECRET:
         return False
     if words[-1] == "token" and (len(words) == 1 or words[-2] not in TEXT_TOKENS):
         return True
