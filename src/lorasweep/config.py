@@ -149,6 +149,11 @@ class TrackingSettings:
     run_name: Optional[str] = None
     required: bool = False
     log_model: bool = True
+    # More key names to mask wherever a config leaves the process (params, tags, config.yaml,
+    # .hydra/, training_args.bin), matched as whole words: [pin] masks data.db_pin, not .spinner.
+    # Always masked: *_token, token, password, passwd, secret, credential(s), api_key, access_key,
+    # private_key (redaction.py).
+    secret_keys: List[str] = field(default_factory=list)
 
 
 @dataclass

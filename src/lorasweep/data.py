@@ -303,6 +303,7 @@ def prepare_pretokenized(loaded: datasets.DatasetDict, data_cfg, tokenizer) -> P
             raise DataError(f"data.label_column={column!r}: no such column in the {name} split of "
                             f"{path} (columns: {', '.join(loaded[name].column_names)})")
     names = pretokenized_label_names(loaded, column, path, len(tokenizer))
+    check_class_count(loaded["train"].unique(column), column)
     label_map = pad_label_slots(names, data_cfg.max_classes, data_cfg.dummy_prefix)
     keep = [c for c in MODEL_COLUMNS if c in loaded["train"].column_names and c != "labels"]
     tokenized = datasets.DatasetDict({
@@ -360,6 +361,14 @@ def pretokenized_label_names(loaded: datasets.DatasetDict, column: str, path: st
 
 
 # ---------------------------------------------------------------------------- labels
+
+
+def check_class_count(train_classes: Sequence[Any], label_column: str) -> None:
+    """One class in train would give a 1-label model that scores 1.0 on everything."""
+    if len(train_classes) < 2:
+        found = f" ({train_classes[0]!r})" if train_classes else ""
+        raise DataError(f"data.label_column={label_column!r}: {len(train_classes)} class in the "
+                        f"train split{found}; a classifier needs at least 2")
 
 
 def build_label_map(train_labels: Sequence[str], max_classes: Optional[int],
@@ -669,6 +678,7 @@ def prepare_data(data_cfg, tokenizer) -> PreparedData:
 
 def build_prepared(data_cfg, tokenizer) -> PreparedData:
     splits, text_columns, split_report = load_splits(data_cfg)
+    check_class_count(splits["train"].unique(data_cfg.label_column), data_cfg.label_column)
     label_map = build_label_map(splits["train"][data_cfg.label_column], data_cfg.max_classes,
                                 data_cfg.dummy_prefix)
     splits = check_unknown_labels(splits, label_map, data_cfg.label_column,

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 from lorasweep import outputs
 from lorasweep.errors import ConfigError
+from lorasweep.redaction import mask_overrides
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,9 @@ def _free_port() -> int:
 
 
 def run_launched(launcher: str, nproc: int, overrides: Sequence[str], run_dir: str,
-                 placement: Optional[Placement] = None) -> Dict:
-    """Train on `nproc` ranks in a child launcher; return the metrics it wrote.
+                 placement: Optional[Placement] = None, secret_keys: Sequence[str] = ()) -> Dict:
+    """Train on `nproc` ranks in a child launcher; return the metrics it wrote. `secret_keys`
+    (tracking.secret_keys) mask the command in the log, which goes to the run dir's train.log.
 
     The child gets its own process group (session); if this process is interrupted, or the
     child fails, the whole group is killed, so no orphaned rank keeps running.
@@ -139,7 +141,8 @@ def run_launched(launcher: str, nproc: int, overrides: Sequence[str], run_dir: s
     os.makedirs(run_dir, exist_ok=True)
     cmd = launcher_command(launcher, nproc, overrides, run_dir, placement.gpus)
     log.info("launching %d ranks%s: %s", nproc,
-             f" on GPUs {','.join(placement.gpus)}" if placement.gpus else "", " ".join(cmd))
+             f" on GPUs {','.join(placement.gpus)}" if placement.gpus else "",
+             " ".join(mask_overrides(cmd, secret_keys)))
     proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ,
                                                               **placement.child_env()})
     try:

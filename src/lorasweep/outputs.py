@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lorasweep.redaction import masked_container
+
 ADAPTER_DIR = "adapter"
 FULL_MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
@@ -41,9 +43,10 @@ def read_json(run_dir: str, name: str) -> Any:
 
 
 def save_run_config(run_dir: str, cfg: DictConfig) -> str:
-    """The resolved config, which predict/export use to rebuild the model and the serializer."""
+    """The resolved config, which predict/export use to rebuild the model and the serializer.
+    Secrets are masked; one given as `${oc.env:VAR}` stays that interpolation (redaction.py)."""
     path = os.path.join(run_dir, RUN_CONFIG)
-    OmegaConf.save(cfg, path, resolve=True)
+    OmegaConf.save(OmegaConf.create(masked_container(cfg, cfg.tracking.secret_keys)), path)
     return path
 
 

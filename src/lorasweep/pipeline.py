@@ -30,6 +30,7 @@ from lorasweep.losses import build_loss
 from lorasweep.metrics import METRIC_NAMES, hierarchy_metrics
 from lorasweep.modeling import (apply_lora, base_model_path, build_model, count_parameters,
                                load_tokenizer)
+from lorasweep.redaction import mask_overrides
 from lorasweep.tracking import (Tracker, TrackingCallback, flatten_params, git_commit,
                                 resolve_uri, start_tracker)
 from lorasweep.training import (best_epoch, build_trainer, build_training_arguments,
@@ -52,7 +53,8 @@ def run(cfg: DictConfig, overrides: tuple = ()) -> Dict[str, Any]:
         set_seed(cfg.seed)
         ds_config = build_deepspeed_config(cfg.deepspeed)
         tracker.set_tags({"git_commit": git_commit(), "lorasweep_version": __version__,
-                          "hydra_overrides": " ".join(overrides) or "(none)",
+                          "hydra_overrides": " ".join(
+                              mask_overrides(overrides, cfg.tracking.secret_keys)) or "(none)",
                           "world_size": distributed.world_size(),
                           "zero_stage": zero_stage(ds_config),
                           "run_dir": os.path.abspath(cfg.output_dir)})
@@ -128,7 +130,7 @@ def train_and_save(cfg: DictConfig, tracker: Tracker,
         log.info("%s", estimate_model_state_memory(ds_config, total, largest,
                                                    distributed.world_size()))
     args = build_training_arguments(cfg.training, run_dir, cfg.seed, ds_config,
-                                    cfg.objective.metric)
+                                    cfg.objective.metric, cfg.tracking.secret_keys)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer)
     if distributed.is_rank_zero():

@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lorasweep.errors import one_line
+from lorasweep.redaction import mask_overrides
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,11 @@ class SweepCallback(Callback):
             return
         run_dir = config.hydra.runtime.output_dir
         ok = job_return.status == JobStatus.COMPLETED
+        overrides = mask_overrides(job_return.overrides or [], config.tracking.secret_keys)
         record = {
             "number": config.hydra.job.num,
-            "params": " ".join(job_return.overrides or []),
-            "overrides": list(job_return.overrides or []),  # what param_importances parses
+            "params": " ".join(overrides),
+            "overrides": overrides,  # what param_importances parses
             "objective": float(job_return._return_value) if ok else None,
             "status": "COMPLETE" if ok else "FAIL",
             "reason": "" if ok else one_line(job_return._return_value),

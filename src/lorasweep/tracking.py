@@ -13,16 +13,15 @@ import subprocess
 import urllib.request
 from typing import Any, Dict, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import TrainerCallback
 
 from lorasweep import distributed
 from lorasweep.errors import ConfigError
+from lorasweep.redaction import MASK, masked_container  # noqa: F401  (MASK: what params show)
 
 log = logging.getLogger(__name__)
 
-SECRET_KEY = re.compile(r"(token|password|passwd|secret|api_?key|access_?key)", re.IGNORECASE)
-MASK = "****"
 
 
 class Tracker:
@@ -125,8 +124,8 @@ def start_tracker(tracking_cfg) -> Tracker:
 
 
 def flatten_params(cfg: DictConfig) -> Dict[str, str]:
-    """The resolved config as flat `a.b.c -> value` params, secrets masked."""
-    container = OmegaConf.to_container(cfg, resolve=True)
+    """The resolved config as flat `a.b.c -> value` params, secrets masked (redaction.py)."""
+    container = masked_container(cfg, cfg.tracking.secret_keys)
     flat: Dict[str, str] = {}
     _flatten(container, "", flat)
     return flat
@@ -137,10 +136,7 @@ def _flatten(node: Any, prefix: str, out: Dict[str, str]) -> None:
         for key, value in node.items():
             _flatten(value, f"{prefix}{key}.", out)
         return
-    key = prefix[:-1]
-    leaf = key.rsplit(".", 1)[-1]
-    value = MASK if SECRET_KEY.search(leaf) and node not in (None, "") else node
-    out[key] = str(value)[:6000]
+    out[prefix[:-1]] = str(node)[:6000]
 
 
 def git_commit() -> str:

@@ -37,7 +37,7 @@ def main(cfg: DictConfig) -> float:
         placement = None if launched() else placement_for(hydra_cfg, nproc)
         if placement is not None and (nproc > 1 or placement.own_process):
             metrics = run_launched(cfg.distributed.launcher, nproc, overrides, cfg.output_dir,
-                                   placement)
+                                   placement, cfg.tracking.secret_keys)
         else:
             if placement is not None and placement.threads:
                 import torch

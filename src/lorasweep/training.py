@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import copyreg
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from lorasweep.callbacks import SpeedMemoryCallback
 from lorasweep.console import use_readable_logs
 from lorasweep.errors import ConfigError
 from lorasweep.metrics import METRIC_NAMES, compute_metrics
+from lorasweep.redaction import is_secret_key
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,10 @@ def best_model_metric(objective_metric: str) -> str:
 
 def build_training_arguments(train_cfg, run_dir: str, seed: int,
                              ds_config: Optional[Dict[str, Any]],
-                             objective_metric: str = "eval_f1_macro") -> TrainingArguments:
-    """Build before `from_pretrained`: with a ZeRO-3 dict, the model then loads partitioned."""
+                             objective_metric: str = "eval_f1_macro",
+                             secret_keys: Sequence[str] = ()) -> TrainingArguments:
+    """Build before `from_pretrained`: with a ZeRO-3 dict, the model then loads partitioned.
+    `secret_keys`: further names of secret arguments (tracking.secret_keys), never pickled."""
     kwargs = {k: v for k, v in dict(train_cfg).items() if k not in OWN_KEYS}
     if train_cfg.load_best_model_at_end:  # greater_is_better follows: False only for *loss
         kwargs["metric_for_best_model"] = best_model_metric(objective_metric)
@@ -59,10 +64,45 @@ def build_training_arguments(train_cfg, run_dir: str, seed: int,
     kwargs.update(distributed.prepare_backend(use_deepspeed=ds_config is not None))
     kwargs.update(dict(train_cfg.extra))
     try:
-        return TrainingArguments(**kwargs)
+        args = PicklableWithoutSecrets(**kwargs)
     except (TypeError, ValueError) as exc:  # e.g. an unknown key in training.extra
         raise ConfigError(f"training: TrainingArguments rejected the settings: "
                           f"{' '.join(str(exc).split())[:300]}") from None
+    setattr(args, SECRET_KEYS_ATTR, tuple(secret_keys))
+    return args
+
+
+SECRET_KEYS_ATTR = "_lorasweep_secret_keys"
+
+
+class PicklableWithoutSecrets(TrainingArguments):
+    """TrainingArguments that never carry a secret (`hub_token`, ...) into a pickle.
+
+    The Trainer saves its arguments with `torch.save(args, "training_args.bin")` next to the
+    adapter and in every checkpoint, and the adapter dir is uploaded to MLflow. Pickled, these
+    arguments turn into a plain `TrainingArguments` (loading one needs no lorasweep) with every
+    secret field set to None, so no file ever holds the value, not even for a moment. Nothing
+    reads the file back: resume uses the checkpoint's weights, optimizer and trainer_state.json.
+    """
+
+    def __reduce_ex__(self, protocol):
+        extra = self.__dict__.get(SECRET_KEYS_ATTR, ())
+        state = {k: None if is_secret_key(k, extra) else v
+                 for k, v in self.__dict__.items() if k != SECRET_KEYS_ATTR}
+        # copyreg's own recipe for `object.__new__(cls)`: the pickle names the plain class
+        return copyreg._reconstructor, (TrainingArguments, object, None), state
+
+    # copy/deepcopy would otherwise go through __reduce_ex__ and lose the secrets.
+    def __copy__(self):
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo):
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
 
 class OrderedEvalTrainer(Trainer):
