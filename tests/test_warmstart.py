@@ -161,3 +161,30 @@ def test_the_run_ends_with_its_best_epoch_not_its_last(tmp_path):
     assert metrics["best_epoch"] == best
     assert metrics["eval_loss"] == pytest.approx(losses[best], rel=1e-5)
     assert_reload_reproduces_predictions(run)
+
+
+def test_the_head_and_pooler_learn_at_their_own_rate(tmp_path):
+    """training.head_learning_rate: the modules trained in full (PEFT's modules_to_save copies)
+    get their own optimizer groups at that rate; the adapters keep learning_rate."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+    from lorasweep.training import OrderedEvalTrainer
+
+    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=3)
+    model = get_peft_model(BertForSequenceClassification(config),
+                           LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"],
+                                      modules_to_save=["classifier", "pooler"]))
+    trainer = OrderedEvalTrainer(model=model, args=TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=1e-3, report_to="none", use_cpu=True))
+    trainer.head_learning_rate, trainer.head_modules = 5e-3, ("classifier", "pooler")
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr = {}
+    for group in optimizer.param_groups:
+        by_lr.setdefault(group["lr"], set()).update(names[id(p)] for p in group["params"])
+    assert set(by_lr) == {1e-3, 5e-3}
+    assert by_lr[5e-3] and all("modules_to_save" in n for n in by_lr[5e-3])
+    assert any("classifier" in n for n in by_lr[5e-3]) and any("pooler" in n for n in by_lr[5e-3])
+    assert by_lr[1e-3] and all("lora_" in n for n in by_lr[1e-3])

@@ -102,6 +102,9 @@ class TrainingSettings:
     # save_strategy == eval_strategy (checkpoints are how the Trainer keeps the best weights).
     load_best_model_at_end: bool = False
     early_stopping_patience: Optional[int] = None  # evaluations without improvement; None: off
+    # The fully trained modules (lora.modules_to_save: head, pooler) learn at this rate; None:
+    # at learning_rate like the adapters.
+    head_learning_rate: Optional[float] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
 

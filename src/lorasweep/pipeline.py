@@ -28,8 +28,8 @@ from lorasweep.deepspeed_config import (build_deepspeed_config, count_model_para
 from lorasweep.errors import ConfigError, one_line
 from lorasweep.losses import build_loss
 from lorasweep.metrics import METRIC_NAMES, hierarchy_metrics
-from lorasweep.modeling import (apply_lora, base_model_path, build_model, count_parameters,
-                               load_tokenizer)
+from lorasweep.modeling import (HEAD_NAMES, apply_lora, base_model_path, build_model,
+                               count_parameters, load_tokenizer)
 from lorasweep.redaction import mask_overrides
 from lorasweep.tracking import (Tracker, TrackingCallback, flatten_params, git_commit,
                                 resolve_uri, start_tracker)
@@ -142,7 +142,9 @@ def train_and_save(cfg: DictConfig, tracker: Tracker,
     comparison = warm_start(cfg, model, data, tokenizer, loss_fn, resume_from)
     model = apply_lora(model, cfg.lora)
     trainer = build_trainer(model, args, data.tokenized, tokenizer, loss_fn,
-                            [TrackingCallback(tracker)], cfg.training.early_stopping_patience)
+                            [TrackingCallback(tracker)], cfg.training.early_stopping_patience,
+                            cfg.training.head_learning_rate,
+                            cfg.lora.modules_to_save if cfg.lora.enable else HEAD_NAMES)
     if resume_from:
         log.info("resuming from %s", resume_from)
     train_result = trainer.train(resume_from_checkpoint=resume_from)

@@ -26,7 +26,7 @@ from lorasweep.redaction import is_secret_key
 log = logging.getLogger(__name__)
 
 # Keys of training.* that are ours, not TrainingArguments'.
-OWN_KEYS = ("mixed_precision", "early_stopping_patience", "extra")
+OWN_KEYS = ("mixed_precision", "early_stopping_patience", "head_learning_rate", "extra")
 # What the Trainer's own evaluations report (compute_metrics + loss): what it can select on.
 EVAL_METRICS = tuple(f"eval_{name}" for name in (*METRIC_NAMES, "loss"))
 
@@ -106,22 +106,47 @@ class PicklableWithoutSecrets(TrainingArguments):
 
 
 class OrderedEvalTrainer(Trainer):
-    """A Trainer whose evaluation and `predict` keep the dataset's row order.
+    """A Trainer whose evaluation and `predict` keep the dataset's row order, and whose head may
+    learn at its own rate.
 
     With `train_sampling_strategy=group_by_length`, transformers 5 also length-groups (shuffles)
     evaluation batches, so `predict()` output no longer lines up with the rows. Metrics would not
-    care, but per-row predictions would be silently wrong (../shared/PLATFORM.md). On N ranks the
-    Trainer already uses an ordered, sharded sampler.
+    care, but per-row predictions would be silently wrong. On N ranks the Trainer already uses an
+    ordered, sharded sampler.
     """
+
+    head_learning_rate: Optional[float] = None  # None: the head learns at learning_rate
+    head_modules: tuple = ()  # module names trained in full beside the adapters
 
     def _get_eval_sampler(self, eval_dataset):
         if eval_dataset is None or self.args.world_size > 1:
             return None
         return SequentialSampler(eval_dataset)
 
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer with the fully trained modules (head, pooler) in groups of
+        their own at `head_learning_rate`; the LR schedule scales every group alike."""
+        if self.head_learning_rate is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        groups: Dict[tuple, list] = {}
+        for name, param in opt_model.named_parameters():
+            if param.requires_grad:
+                head = any(f".{m}." in f".{name}" for m in self.head_modules)
+                groups.setdefault((name in decay, head), []).append(param)
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        self.optimizer = optimizer_cls(
+            [{"params": params, "weight_decay": self.args.weight_decay if decayed else 0.0,
+              **({"lr": self.head_learning_rate} if head else {})}
+             for (decayed, head), params in groups.items()], **kwargs)
+        return self.optimizer
+
 
 def build_trainer(model, args: TrainingArguments, tokenized, tokenizer, loss_fn,
-                  callbacks: List, early_stopping_patience: Optional[int] = None) -> Trainer:
+                  callbacks: List, early_stopping_patience: Optional[int] = None,
+                  head_learning_rate: Optional[float] = None,
+                  head_modules: Sequence[str] = ()) -> Trainer:
     collator = DataCollatorWithPadding(tokenizer)
     if early_stopping_patience is not None:
         callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience)]
@@ -131,6 +156,7 @@ def build_trainer(model, args: TrainingArguments, tokenized, tokenizer, loss_fn,
         processing_class=tokenizer, compute_metrics=compute_metrics,
         compute_loss_func=loss_fn, callbacks=[SpeedMemoryCallback(), *callbacks],
     )
+    trainer.head_learning_rate, trainer.head_modules = head_learning_rate, tuple(head_modules)
     use_readable_logs(trainer)
     return trainer
 
