@@ -25,7 +25,7 @@ def test_every_group_option_composes(group, option):
     assert cfg[group] is not None
 
 
-def test_experiment_ledger_qwen_composes_the_seed_setup():
+def test_experiment_ledger_qwen_composes_the_reference_setup():
     cfg = compose_cfg(["experiment=ledger_qwen"], output_dir="/tmp/unused")
     validate(cfg)
     assert cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B"

@@ -57,8 +57,8 @@ class OrderedEvalTrainer(Trainer):
 
     With `train_sampling_strategy=group_by_length`, transformers 5 also length-groups (shuffles)
     evaluation batches, so `predict()` output no longer lines up with the rows. Metrics would not
-    care, but per-row predictions would be silently wrong (../shared/PLATFORM.md). On N ranks the
-    Trainer already uses an ordered, sharded sampler.
+    care, but per-row predictions would be silently wrong. On N ranks the Trainer already uses an
+    ordered, sharded sampler.
     """
 
     def _get_eval_sampler(self, eval_dataset):
