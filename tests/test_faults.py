@@ -22,6 +22,10 @@ def runs_in(uri: str, experiment: str):
     return [] if found is None else client.search_runs([found.experiment_id])
 
 
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
@@ -41,8 +45,10 @@ def test_a_signal_mid_training_ends_the_run_killed_and_a_rerun_resumes(signum, c
     args = [*SMOKE[:2], f"tracking.uri={uri}", "tracking.experiment_name=faults",
             "training.max_steps=80", "training.save_strategy=steps", "training.save_steps=5",
             f"hydra.run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}"]
+    # A job started in the background inherits SIGINT ignored; Python then adds no Ctrl-C handler.
     proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, env=cli_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
     try:
         wait_for_checkpoint(run, proc)
         proc.send_signal(signum)
