@@ -36,7 +36,7 @@ def test_quality_bench_prints_every_system(tmp_path):
     table = out[out.index("quality bench"):]
     for row in ("majority class", "TF-IDF + logistic regression", "frozen encoder + linear probe",
                 "lorasweep defaults"):
-        line = next(l for l in table.splitlines() if l.strip().startswith(row))
+        line = next(x for x in table.splitlines() if x.strip().startswith(row))
         assert float(line.split()[-1]) >= 0.0, line  # a measured number, not "not run"
     assert "lorasweep sweep best" in table and "not run" in table
 

@@ -25,7 +25,7 @@ def test_every_group_option_composes(group, option):
     assert cfg[group] is not None
 
 
-def test_experiment_ledger_qwen_composes_the_seed_setup():
+def test_experiment_ledger_qwen_composes_the_reference_setup():
     cfg = compose_cfg(["experiment=ledger_qwen"], output_dir="/tmp/unused")
     validate(cfg)
     assert cfg.model.name_or_path == "Qwen/Qwen2.5-0.5B"
@@ -74,15 +74,51 @@ BAD = [
     (["lora.rank=4"], "lora.rank"),
     (["data.label_column=nope"], "nope"),
     (["data=files", "data.train_path=missing.csv", "data.label_column=y"], "missing.csv"),
+    (["data.max_length=100000"], "data.max_length=100000: the model takes at most 512 tokens"),
+    (["model=tiny_bert", "data.max_length=513"], "data.max_length=513"),
+    (["data.val_size=0"], "data.val_size=0: expected > 0"),
+    (["objective.metric=eval_nonexistent"], "objective.metric='eval_nonexistent'"),
+    (["objective.metric=test_prefix2_accuracy"], "metrics.hierarchy_prefixes"),
+    # the N-rank path: checked here, so no launcher (and no rank) starts
+    (["lora.r=-1", "distributed.nproc_per_node=2"], "lora.r=-1"),
+    (["distributed.launcher=mpirun", "distributed.nproc_per_node=2"], "distributed.launcher"),
 ]
+
+# What a run writes once it gets past its checks: none of it may exist after a user error.
+RUN_OUTPUTS = ("metrics.json", "config.yaml", "label_map.json", "dataset_metadata.json",
+               "adapter", "checkpoints")
+
+
+def assert_one_line_exit_2(proc, needle: str, run) -> None:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lorasweep: error:")]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "launching" not in proc.stdout + proc.stderr
+    assert not any((run / name).exists() for name in RUN_OUTPUTS)
 
 
 @pytest.mark.parametrize("overrides,needle", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_bad_config_exits_2_with_one_line(overrides, needle, tmp_path):
     run = tmp_path / "run"
     proc = run_cli([*overrides, "tracking=none", f"hydra.run.dir={run}"], tmp_path, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("lorasweep: error:")]
-    assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    assert not (run / "metrics.json").exists()
+    assert_one_line_exit_2(proc, needle, run)
+
+
+def test_a_malformed_jsonl_line_exits_2_naming_the_line(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a", "y": "1"}\n{"text": "b", "y": 2\n{"text": "c", "y": "3"}\n')
+    run = tmp_path / "run"
+    proc = run_cli(["model=tiny_bert", "data=files", f"data.train_path={rows}",
+                    "data.label_column=y", "tracking=none", f"hydra.run.dir={run}",
+                    f"data.cache_dir={tmp_path / 'cache'}"], tmp_path, timeout=300)
+    assert_one_line_exit_2(proc, "rows.jsonl: line 2 is not valid JSON", run)
+    assert '\'{"text": "b", "y": 2\'' in proc.stderr
+
+
+def test_a_run_dir_that_cannot_be_created_exits_2_naming_it(tmp_path):
+    (tmp_path / "a_file").write_text("not a directory")
+    run = tmp_path / "a_file" / "run"
+    proc = run_cli(["tracking=none", f"hydra.run.dir={run}"], tmp_path, timeout=300)
+    assert_one_line_exit_2(proc, f"hydra.run.dir={run}: cannot create the directory", run.parent)
+    assert "is a file" in proc.stderr

@@ -273,3 +273,41 @@ def test_a_one_class_tokenized_dataset_dict_is_refused(tmp_path):
     cfg = data_cfg(tmp_path, source="hf_disk", train_path=str(path), label_column="label")
     with pytest.raises(DataError, match="'label': 1 class in the train split .0.; a classifier"):
         prepare_data(cfg, tokenizer)
+
+
+def test_csv_and_jsonl_cells_keep_the_files_exact_characters(tmp_path):
+    """Account codes are identifiers: `0100` stays "0100", a JSONL `1` is "1" beside "b"."""
+    csv = tmp_path / "codes.csv"
+    csv.write_text("text,y,amount\n" + "".join(f"row {i},0{i % 3 + 1}00,45.20\n"
+                                               for i in range(30)))
+    splits, _, _ = load_splits(data_cfg(tmp_path, train_path=str(csv), label_column="y"))
+    assert set(splits["train"]["y"]) == {"0100", "0200", "0300"}
+    assert set(splits["train"]["amount"]) == {"45.20"}
+    jsonl = tmp_path / "mixed.jsonl"
+    values = ['1', '"b"', '3']
+    jsonl.write_text("".join(f'{{"text": "row {i}", "y": {values[i % 3]}, "n": 1.50}}\n'
+                             for i in range(30)))
+    splits, _, _ = load_splits(data_cfg(tmp_path, train_path=str(jsonl), label_column="y"))
+    assert set(splits["train"]["y"]) == {"1", "b", "3"}
+    assert set(splits["train"]["n"]) == {"1.50"}
+
+
+def test_labels_differing_only_by_surrounding_whitespace_are_one_class(tmp_path, caplog):
+    table = pd.DataFrame({"text": [f"row {i}" for i in range(30)],
+                          "y": ["a", " a", "a ", "b", "b", "b"] * 5})
+    cfg = data_cfg(tmp_path, train_path=write_csv(tmp_path, table), label_column="y")
+    with caplog.at_level("WARNING", logger="lorasweep.data"):
+        splits, _, _ = load_splits(cfg)
+    assert set(splits["train"]["y"]) == {"a", "b"}
+    assert "stripped surrounding whitespace from 10 label(s) in column 'y'" in caplog.text
+
+
+def test_a_malformed_jsonl_line_is_named_by_its_number(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    lines = [f'{{"text": "row {i}", "y": "a"}}' for i in range(10)]
+    lines[6] = '{"text": "row 6", "y": "a"'
+    path.write_text("\n".join(lines) + "\n")
+    cfg = data_cfg(tmp_path, train_path=str(path), label_column="y")
+    with pytest.raises(DataError, match=r"rows.jsonl: line 7 is not valid JSON .*'\{\"text\": "
+                                        r"\"row 6\", \"y\": \"a\"'"):
+        load_splits(cfg)

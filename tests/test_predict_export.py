@@ -173,3 +173,65 @@ def test_write_table_round_trips_each_format(ext, tmp_path):
             ".jsonl": lambda p: pd.read_json(p, lines=True, dtype={"pred_label": str})}[ext](path)
     pd.testing.assert_frame_equal(back, frame)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+
+
+def copy_run_files(source: Path, target: Path, names) -> Path:
+    import shutil
+
+    target.mkdir()
+    for name in names:
+        copy = shutil.copytree if (source / name).is_dir() else shutil.copy
+        copy(source / name, target / name)
+    return target
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_saving_is_refused_in_one_line(trained_run, tmp_path):
+    unfinished = copy_run_files(trained_run, tmp_path / "unfinished",
+                                ["config.yaml", "label_map.json", "tokenizer"])
+    source = tmp_path / "rows.csv"
+    pd.read_parquet(LEDGER).head(5).to_csv(source, index=False)
+    for script, args in ((PREDICT, [f"input={source}", f"output={tmp_path / 'p.csv'}"]),
+                         (EXPORT, [f"output={tmp_path / 'exported'}"])):
+        proc = run_tool(script, [f"run_dir={unfinished}", *args], tmp_path)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert error_lines(proc) == [f"lorasweep: error: run_dir={unfinished}: not a finished "
+                                     f"run: no adapter/ or model/ in {unfinished}"]
+        assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv", "unfinished"]
+
+
+@pytest.mark.slow
+def test_predict_max_length_past_the_model_is_one_line(trained_run, tmp_path):
+    source, out = tmp_path / "rows.csv", tmp_path / "p.csv"
+    pd.read_parquet(LEDGER).head(5).to_csv(source, index=False)
+    proc = run_tool(PREDICT, [f"run_dir={trained_run}", f"input={source}", f"output={out}",
+                              "max_length=100000"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "max_length=100000: the model takes at most 512 tokens" in error_lines(proc)[0]
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_failing_rerun_into_a_finished_run_leaves_it_unchanged(trained_run, tmp_path):
+    """A run dir's files describe the model in it: a rerun that fails before it has a new
+    model rewrites none of them, and predict gives the same predictions as before."""
+    names = ["config.yaml", "label_map.json", "dataset_metadata.json", "model_metadata.json",
+             "metrics.json", "adapter", "tokenizer"]
+    run = copy_run_files(trained_run, tmp_path / "run", names)
+    before = {n: (run / n).read_bytes() for n in names if (run / n).is_file()}
+    source = tmp_path / "rows.parquet"
+    pd.read_parquet(LEDGER).head(20).to_parquet(source, index=False)
+    first = run_tool(PREDICT, [f"run_dir={run}", f"input={source}",
+                               f"output={tmp_path / 'first.parquet'}"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rerun = run_cli([*SMOKE, "lora.target_modules=[nonexistent_module]",
+                     "data.text_columns=[vendor]", f"hydra.run.dir={run}",
+                     f"data.cache_dir={tmp_path / 'cache'}"], tmp_path)
+    assert rerun.returncode == 2 and "lora.target_modules" in rerun.stderr, rerun.stderr[-3000:]
+    assert {n: (run / n).read_bytes() for n in before} == before
+    second = run_tool(PREDICT, [f"run_dir={run}", f"input={source}",
+                                f"output={tmp_path / 'second.parquet'}"], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "first.parquet"),
+                                  pd.read_parquet(tmp_path / "second.parquet"))

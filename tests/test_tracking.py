@@ -105,6 +105,7 @@ def test_unreachable_server_warns_or_fails_before_training(tmp_path):
     proc = run_cli(["model=tiny_bert", "training=smoke", f"tracking.uri={uri}",
                     f"hydra.run.dir={tmp_path / 'a'}"], tmp_path, check=True)
     assert "unreachable" in proc.stdout + proc.stderr and (tmp_path / "a" / "metrics.json").is_file()
+    assert "WARNING: nothing was logged to MLflow" in proc.stdout  # again at the end, not only first
     proc = run_cli(["model=tiny_bert", "training=smoke", f"tracking.uri={uri}",
                     "tracking.required=true", f"hydra.run.dir={tmp_path / 'b'}"], tmp_path)
     assert proc.returncode == 2

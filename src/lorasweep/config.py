@@ -300,7 +300,28 @@ def _combination_errors(cfg: DictConfig) -> List[str]:
         errors.append("training.early_stopping_patience needs training.load_best_model_at_end=true")
     if cfg.resume not in ("auto", "never") and not os.path.isdir(cfg.resume):
         errors.append(f"resume={cfg.resume!r}: expected auto, never or an existing checkpoint dir")
-    return errors
+    return errors + _split_size_errors(cfg.data) + _objective_errors(cfg)
+
+
+def _split_size_errors(data_cfg) -> List[str]:
+    """A split made from train needs validation rows (they give objective.metric its value) and
+    test rows; a user's own files replace both."""
+    if data_cfg.source != "files" or (data_cfg.valid_path and data_cfg.test_path):
+        return []
+    return [f"data.{key}=0: expected > 0 when lorasweep splits data.train_path (or give "
+            "data.valid_path and data.test_path)"
+            for key in ("val_size", "test_size") if data_cfg[key] == 0]
+
+
+def _objective_errors(cfg: DictConfig) -> List[str]:
+    from lorasweep.metrics import run_metric_names
+
+    if cfg.objective.metric in run_metric_names(cfg.metrics.hierarchy_prefixes):
+        return []
+    hint = ("; test_prefix<N>_* needs N in metrics.hierarchy_prefixes"
+            if "prefix" in cfg.objective.metric else "")
+    return [f"objective.metric={cfg.objective.metric!r}: a run never produces this metric "
+            f"(e.g. eval_f1_macro, eval_accuracy, eval_loss, test_f1_macro{hint})"]
 
 
 def validate(cfg: DictConfig) -> None:

@@ -2,6 +2,8 @@
 
 Each step is a module-level function taking its own settings; `prepare_data` chains them.
 Tables are read through `datasets` (Arrow, memory-mapped), so a large file is not held in memory.
+CSV and JSONL cells are read as the text the file holds: account codes, cost centres and ZIP
+codes are identifiers, and type inference would turn the code `0100` into the number 100.
 """
 
 from __future__ import annotations
@@ -91,13 +93,84 @@ def read_table(path: str, key: str, allow_pickle: bool = False) -> datasets.Data
         raise DataError(f"{key}={path}: unsupported extension '{ext}' "
                         f"(expected one of {', '.join(READERS)}, or .pkl with data.allow_pickle)")
     try:
-        table = datasets.load_dataset(READERS[ext], data_files=files, split="train")
+        if ext == ".csv":
+            table = _read_csv_as_text(files)
+        elif ext == ".jsonl":
+            table = _read_jsonl_as_text(files, key)
+        else:
+            table = datasets.load_dataset(READERS[ext], data_files=files, split="train")
+    except DataError:
+        raise
     except Exception as exc:  # datasets wraps parser errors in many types
         reason = " ".join(str(exc).split())[:300]
         raise DataError(f"{key}={path}: cannot read as {READERS[ext]} ({reason})") from None
     if len(table) == 0:
         raise DataError(f"{key}={path}: the file has no rows")
     return table
+
+
+def _read_csv_as_text(files: List[str]) -> datasets.Dataset:
+    """Every column as strings, exactly as written; only an empty cell is missing (pandas would
+    also read the text "NA" or "null" as missing)."""
+    import csv
+
+    with open(files[0], newline="", encoding="utf-8-sig") as fh:
+        header = next(csv.reader(fh), [])
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    return datasets.load_dataset("csv", data_files=files, split="train", features=features,
+                                 keep_default_na=False, na_values=[""])
+
+
+def _read_jsonl_as_text(files: List[str], key: str) -> datasets.Dataset:
+    """Every field as the text the line holds: `1` -> "1", `1.50` -> "1.50", `"b"` -> "b".
+
+    A first pass checks each line and collects the field names (rows may differ in fields); the
+    rows are then written to a memory-mapped Arrow cache, keyed by the files' size and mtime.
+    """
+    columns: Dict[str, None] = {}
+    for path in files:
+        for _, row in _jsonl_lines(path, key):
+            columns.update(dict.fromkeys(row))
+    # tuples: datasets reads a list in gen_kwargs as shards to split between processes
+    stamps = tuple((path, os.path.getsize(path), os.stat(path).st_mtime_ns) for path in files)
+    features = datasets.Features({name: datasets.Value("string") for name in columns})
+    return datasets.Dataset.from_generator(
+        _jsonl_rows, features=features,
+        gen_kwargs={"files": tuple(files), "columns": tuple(columns), "key": key,
+                    "stamps": stamps})
+
+
+def _jsonl_lines(path: str, key: str):
+    """(line number, object) for each non-blank line; a bad line raises naming its number."""
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line, parse_int=str, parse_float=str, parse_constant=str)
+            except ValueError as exc:
+                raise DataError(f"{key}={path}: line {number} is not valid JSON ({exc.msg}): "
+                                f"{line.strip()[:60]!r}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{key}={path}: line {number} is not a JSON object: "
+                                f"{line.strip()[:60]!r}")
+            yield number, row
+
+
+def _jsonl_rows(files: tuple, columns: tuple, key: str, stamps: tuple):
+    del stamps  # only part of the cache key: an edited file is read again
+    for path in files:
+        for _, row in _jsonl_lines(path, key):
+            yield {name: _json_text(row.get(name)) for name in columns}
+
+
+def _json_text(value: Any) -> Optional[str]:
+    """A JSON value parsed with numbers kept as their text, as one string (or None for null)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value, ensure_ascii=False)  # a list or an object, as JSON text
 
 
 def _read_pickle(files: List[str], key: str, allow_pickle: bool) -> datasets.Dataset:
@@ -150,12 +223,29 @@ def normalise_labels(table: datasets.Dataset, label_column: str, path: str) -> d
         names = pa.array(feature.names, pa.string()).take(values)
         return _replace_column(table, label_column, names.to_pylist())
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        return table
+        return strip_label_whitespace(table, label_column, path)
     if pa.types.is_integer(values.type) or _integral_floats(values):
         return (table.cast_column(label_column, datasets.Value("int64"))
                 .cast_column(label_column, datasets.Value("string")))
     # anything else (non-integral floats, booleans): Python's str, as predict.py writes labels
     return _replace_column(table, label_column, [label_to_text(v) for v in values.to_pylist()])
+
+
+def strip_label_whitespace(table: datasets.Dataset, label_column: str,
+                           path: str) -> datasets.Dataset:
+    """`a`, ` a` and `a ` are one class: a label is an identifier, and surrounding whitespace in a
+    cell is a typing or export accident, never a distinct code. The count of changed rows is
+    logged, so a user sees that the file was not taken literally."""
+    import pyarrow.compute as pc
+
+    values = table.with_format("arrow")[label_column]
+    stripped = pc.utf8_trim_whitespace(values)
+    changed = pc.sum(pc.cast(pc.not_equal(stripped, values), "int64")).as_py() or 0
+    if not changed:
+        return table
+    log.warning("%s: stripped surrounding whitespace from %d label(s) in column %r "
+                "(' a', 'a ' and 'a' are one class)", path, changed, label_column)
+    return _replace_column(table, label_column, stripped.to_pylist())
 
 
 def _replace_column(table: datasets.Dataset, column: str, values: list) -> datasets.Dataset:
@@ -176,9 +266,10 @@ def _integral_floats(values) -> bool:
 
 
 def label_to_text(value: Any) -> str:
+    """A label value as its class name (whitespace around it stripped, as in training)."""
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
-    return str(value)
+    return str(value).strip()
 
 
 # ---------------------------------------------------------------------------- splitting
@@ -290,7 +381,7 @@ def _load_hf_disk(data_cfg) -> tuple[datasets.DatasetDict, List[str], Dict[str, 
 
 
 def prepare_pretokenized(loaded: datasets.DatasetDict, data_cfg, tokenizer) -> PreparedData:
-    """A DatasetDict that already has input_ids (the seeds' input): used in place, not cached
+    """A DatasetDict that already has input_ids (tokenized upstream): used in place, not cached
     (there is nothing to tokenize, and a copy of a large dataset would only cost disk).
 
     Class ids are kept: names come from a ClassLabel feature, else the ids are the names. For
@@ -562,7 +653,7 @@ def format_diagnostics(meta: Dict[str, Any]) -> str:
 # Data settings that change nothing in the prepared result; the paths are replaced by the hash of
 # the files' bytes (a moved file is still a hit, an edited one is a miss).
 NOT_IN_KEY = ("cache_dir", "num_proc", "train_path", "valid_path", "test_path")
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: CSV and JSONL cells read as text
 
 
 def input_files(data_cfg) -> Dict[str, List[str]]:

@@ -9,7 +9,7 @@ from typing import Callable
 
 EXIT_USER_ERROR = 2
 
-# transformers 5 renamed these; the seeds' configs still use the old names.
+# transformers 5 renamed these; configs written for transformers 4 still use the old names.
 RENAMED_KEYS = {
     "warmup_ratio": "training.warmup_steps (a float in [0, 1) is a ratio since transformers 5)",
     "group_by_length": "training.train_sampling_strategy=group_by_length (transformers 5)",
@@ -70,10 +70,38 @@ def exit_with_user_error(exc: BaseException) -> None:
 
 
 def run_cli(entry: Callable[[], object]) -> None:
-    """Run a Hydra entrypoint; print user errors as one line and exit 2, let bugs raise."""
+    """Run a Hydra entrypoint; print user errors as one line and exit 2, let bugs raise.
+    Ctrl-C and SIGTERM end in one line too (exit 130 / 143), after the run recorded them."""
+    from lorasweep.interrupts import Terminated, exit_interrupted, raise_on_sigterm
+
     # Make Hydra re-raise instead of printing a trimmed traceback and exiting 1.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    raise_on_sigterm()
     try:
         entry()
     except _hydra_user_errors() as exc:
         exit_with_user_error(exc)
+    except (KeyboardInterrupt, Terminated) as exc:
+        exit_interrupted(exc)
+
+
+def exit_2_on_user_error(task: Callable, *args):
+    """Call `task(*args)` from a Hydra task function (train, predict, export main).
+
+    A user error in a single run prints one line and exits 2 here, before Hydra adds its own
+    "Error executing job" line. In a multirun, or with no Hydra at all (tests call `main(cfg)`),
+    it propagates: the sweeper records the trial as failed and goes on to the next.
+    """
+    try:
+        return task(*args)
+    except _hydra_user_errors() as exc:
+        if not _single_hydra_run():
+            raise
+        exit_with_user_error(exc)
+
+
+def _single_hydra_run() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN

@@ -23,10 +23,9 @@ from typing import Any, Dict  # noqa: E402
 import hydra  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import MISSING, DictConfig  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from lorasweep.config import CONF_DIR  # noqa: E402
-from lorasweep.errors import ConfigError, UserError, exit_with_user_error, run_cli  # noqa: E402
+from lorasweep.errors import ConfigError, exit_2_on_user_error, run_cli  # noqa: E402
 
 SERIALIZATION_FILE = "lorasweep_serialization.json"
 
@@ -56,15 +55,15 @@ def merged_model(model):
     return model
 
 
-def export_run(run_dir: str, output: str) -> Dict[str, Any]:
-    """Write the merged model, tokenizer and serializer settings to `output`; a summary."""
+def export_run(cfg) -> Dict[str, Any]:
+    """Write the merged model, tokenizer and serializer settings to `cfg.output`; a summary."""
     from lorasweep import outputs
     from lorasweep.modeling import load_for_inference
     from lorasweep.predict import run_serialization
 
+    run_dir, output = cfg.run_dir, cfg.output
     check_output_dir(output)
-    if not os.path.isdir(run_dir):
-        raise ConfigError(f"run_dir={run_dir}: not a directory")
+    outputs.check_finished_run(run_dir)
     model, tokenizer, label_map, cfg = load_for_inference(run_dir)
     model = merged_model(model)
     model.config.id2label = label_map.id2label
@@ -88,10 +87,7 @@ def export_run(run_dir: str, output: str) -> Dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 def main(cfg: DictConfig) -> Dict[str, Any]:
-    try:
-        summary = export_run(cfg.run_dir, cfg.output)
-    except (UserError, OmegaConfBaseException) as exc:
-        exit_with_user_error(exc)  # one line, exit 2 (Hydra would add its own line first)
+    summary = exit_2_on_user_error(export_run, cfg)
     print(f"lorasweep: exported {summary['model_class']} ({summary['num_labels']} labels) "
           f"to {summary['output']}", flush=True)
     return summary

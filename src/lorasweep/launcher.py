@@ -134,8 +134,9 @@ def run_launched(launcher: str, nproc: int, overrides: Sequence[str], run_dir: s
     """Train on `nproc` ranks in a child launcher; return the metrics it wrote. `secret_keys`
     (tracking.secret_keys) mask the command in the log, which goes to the run dir's train.log.
 
-    The child gets its own process group (session); if this process is interrupted, or the
-    child fails, the whole group is killed, so no orphaned rank keeps running.
+    The child gets its own process group (session); if this process is interrupted, the group
+    gets SIGTERM (rank 0 then ends its MLflow run KILLED), and whatever is left after a grace
+    period is killed, as it is when the child fails: no orphaned rank keeps running.
     """
     placement = placement or Placement()
     os.makedirs(run_dir, exist_ok=True)
@@ -148,7 +149,7 @@ def run_launched(launcher: str, nproc: int, overrides: Sequence[str], run_dir: s
     try:
         code = proc.wait()
     except BaseException:
-        _kill_group(proc)
+        _stop_group(proc)
         raise
     _kill_group(proc)  # reap any rank the launcher left behind
     metrics_path = os.path.join(run_dir, outputs.METRICS)
@@ -156,6 +157,15 @@ def run_launched(launcher: str, nproc: int, overrides: Sequence[str], run_dir: s
         raise RuntimeError(f"the {launcher} launcher exited with code {code} for run dir "
                            f"{run_dir} (see its train.log)")
     return outputs.read_json(run_dir, outputs.METRICS)
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    _kill_group(proc)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

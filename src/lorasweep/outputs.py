@@ -42,6 +42,18 @@ def read_json(run_dir: str, name: str) -> Any:
         return json.load(fh)
 
 
+def check_finished_run(run_dir: str) -> None:
+    """A run killed mid-training has its checkpoints but no saved model: nothing to load."""
+    from lorasweep.errors import UserError
+
+    if not os.path.isdir(run_dir):
+        raise UserError(f"run_dir={run_dir}: not a directory")
+    if not any(os.path.isdir(os.path.join(run_dir, name))
+               for name in (ADAPTER_DIR, FULL_MODEL_DIR)):
+        raise UserError(f"run_dir={run_dir}: not a finished run: no {ADAPTER_DIR}/ or "
+                        f"{FULL_MODEL_DIR}/ in {run_dir}")
+
+
 def save_run_config(run_dir: str, cfg: DictConfig) -> str:
     """The resolved config, which predict/export use to rebuild the model and the serializer.
     Secrets are masked; one given as `${oc.env:VAR}` stays that interpolation (redaction.py)."""

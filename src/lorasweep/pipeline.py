@@ -19,17 +19,18 @@ from omegaconf import DictConfig
 from transformers import DataCollatorWithPadding, set_seed
 
 from lorasweep import __version__, distributed, outputs, reports
-from lorasweep.config import validate
 from lorasweep.baseline import tfidf_baseline
 from lorasweep.console import silence_library_noise
 from lorasweep.data import SPLITS, PreparedData, format_diagnostics, prepare_data
 from lorasweep.deepspeed_config import (build_deepspeed_config, count_model_parameters,
                                         estimate_model_state_memory, zero_stage)
-from lorasweep.errors import ConfigError, one_line
+from lorasweep.errors import ConfigError
+from lorasweep.interrupts import failure_reason, run_status
 from lorasweep.losses import build_loss
 from lorasweep.metrics import METRIC_NAMES, hierarchy_metrics
 from lorasweep.modeling import (HEAD_NAMES, apply_lora, base_model_path, build_model,
                                count_parameters, load_tokenizer)
+from lorasweep.preflight import check_run_config
 from lorasweep.redaction import mask_overrides
 from lorasweep.tracking import (Tracker, TrackingCallback, flatten_params, git_commit,
                                 resolve_uri, start_tracker)
@@ -48,7 +49,7 @@ def run(cfg: DictConfig, overrides: tuple = ()) -> Dict[str, Any]:
     status = "FAILED"
     try:  # a config that fails validation still gets a FAILED run with the reason (sweeps)
         tracker.log_params(flatten_params(cfg))
-        validate(cfg)
+        check_run_config(cfg)
         os.makedirs(cfg.output_dir, exist_ok=True)
         set_seed(cfg.seed)
         ds_config = build_deepspeed_config(cfg.deepspeed)
@@ -60,8 +61,9 @@ def run(cfg: DictConfig, overrides: tuple = ()) -> Dict[str, Any]:
                           "run_dir": os.path.abspath(cfg.output_dir)})
         metrics = train_and_save(cfg, tracker, ds_config)
         status = "FINISHED"
-    except BaseException as exc:
-        tracker.set_tags({"failure_reason": one_line(exc)[:5000]})
+    except BaseException as exc:  # KILLED for Ctrl-C / SIGTERM, FAILED otherwise
+        status = run_status(exc)
+        tracker.set_tags({"failure_reason": failure_reason(exc)})
         raise
     finally:
         tracker.end(status)
@@ -90,6 +92,8 @@ def run_summary(metrics: Dict[str, Any], cfg: DictConfig, tracker: Tracker) -> s
     if verdict:
         lines.append(f"  {verdict}")
     lines.append(f"  outputs: {os.path.abspath(cfg.output_dir)}")
+    if tracker.problem:
+        lines.append(f"  WARNING: nothing was logged to MLflow: {tracker.problem}")
     if tracker.run_id:
         uri = tracker_uri(cfg)
         lines.append(f"  MLflow run {tracker.run_id} in {uri}")
@@ -135,7 +139,6 @@ def train_and_save(cfg: DictConfig, tracker: Tracker,
     data = prepare_data(cfg.data, tokenizer)
     if distributed.is_rank_zero():
         log.info("%s", format_diagnostics(data.metadata))
-        write_data_files(cfg, data, run_dir)
     model = build_model(cfg.model, data.label_map, tokenizer, base_path)
     loss_fn = build_loss(cfg.loss, data.tokenized["train"]["labels"], len(data.label_map.labels))
     resume_from = find_resume_checkpoint(cfg.resume, run_dir)
@@ -162,6 +165,9 @@ def train_and_save(cfg: DictConfig, tracker: Tracker,
     metrics["resumed_from_step"] = _checkpoint_step(resume_from)
     metrics["wall_time_s"] = time.perf_counter() - started
     if distributed.is_rank_zero():
+        # Only now that the new model is saved: a rerun into a finished run's dir that fails
+        # earlier leaves that run's config, label map and serializer matching its model.
+        write_data_files(cfg, data, run_dir)
         outputs.write_json(run_dir, outputs.METRICS, metrics)
         outputs.write_json(run_dir, outputs.MODEL_METADATA,
                            model_metadata(cfg, trainer, ds_config, base_path))

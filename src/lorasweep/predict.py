@@ -20,10 +20,9 @@ from typing import Any, Dict, List, Optional  # noqa: E402
 import hydra  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import MISSING, DictConfig  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from lorasweep.config import CONF_DIR  # noqa: E402
-from lorasweep.errors import ConfigError, DataError, UserError, exit_with_user_error, run_cli  # noqa: E402
+from lorasweep.errors import ConfigError, DataError, exit_2_on_user_error, run_cli  # noqa: E402
 
 WRITERS = (".parquet", ".csv", ".jsonl")
 
@@ -52,8 +51,9 @@ def validate_request(cfg) -> None:
     for key in ("top_k", "batch_size"):
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]}: expected a positive integer")
-    if not os.path.isdir(cfg.run_dir):
-        raise ConfigError(f"run_dir={cfg.run_dir}: not a directory")
+    from lorasweep.outputs import check_finished_run
+
+    check_finished_run(cfg.run_dir)
 
 
 def run_serialization(run_dir: str, cfg: DictConfig) -> Dict[str, Any]:
@@ -169,10 +169,15 @@ def predict_file(cfg) -> Dict[str, Any]:
     from lorasweep.modeling import load_for_inference
 
     validate_request(cfg)
+    from lorasweep.preflight import check_max_length
+
     table = read_table(cfg.input, "input")
-    # Check the columns before the (slow) model load.
-    settings = run_serialization(cfg.run_dir, outputs.load_run_config(cfg.run_dir))
+    # Check the columns and max_length before the (slow) model load.
+    run_cfg = outputs.load_run_config(cfg.run_dir)
+    settings = run_serialization(cfg.run_dir, run_cfg)
     check_input_columns(table.column_names, settings, cfg.input)
+    if cfg.max_length is not None:
+        check_max_length(cfg.max_length, run_cfg.model, "max_length")
     model, tokenizer, label_map, run_cfg = load_for_inference(cfg.run_dir)
     model.to(pick_device(cfg.device))
     max_length = cfg.max_length or run_cfg.data.max_length
@@ -198,10 +203,7 @@ def format_summary(summary: Dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
 def main(cfg: DictConfig) -> Dict[str, Any]:
-    try:
-        summary = predict_file(cfg)
-    except (UserError, OmegaConfBaseException) as exc:
-        exit_with_user_error(exc)  # one line, exit 2 (Hydra would add its own line first)
+    summary = exit_2_on_user_error(predict_file, cfg)
     print(format_summary(summary), flush=True)
     return summary
 

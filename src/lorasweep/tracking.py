@@ -28,6 +28,8 @@ class Tracker:
     """No-op tracker: ranks other than 0, `tracking=none`, or an unreachable optional server."""
 
     run_id: Optional[str] = None
+    # Why nothing is logged although tracking was asked for; repeated in the closing summary.
+    problem: Optional[str] = None
 
     def log_params(self, params: Dict[str, Any]) -> None: ...
     def set_tags(self, tags: Dict[str, Any]) -> None: ...
@@ -47,12 +49,13 @@ class MlflowTracker(Tracker):
         self.mlflow = mlflow
         mlflow.set_tracking_uri(uri)
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment_name
-        mlflow.set_experiment(experiment)
         existing = os.environ.get("MLFLOW_RUN_ID")  # attach to a run made elsewhere (a sweep)
         nested = os.environ.get("LORASWEEP_PARENT_RUN_ID")
-        self.run = mlflow.start_run(run_id=existing or None, run_name=run_name,
-                                    nested=bool(nested) and not existing,
-                                    parent_run_id=nested if nested and not existing else None)
+        with store_lock(uri):
+            mlflow.set_experiment(experiment)
+            self.run = mlflow.start_run(run_id=existing or None, run_name=run_name,
+                                        nested=bool(nested) and not existing,
+                                        parent_run_id=nested if nested and not existing else None)
         self.run_id = self.run.info.run_id
         log.info("MLflow run %s in experiment %r at %s", self.run_id, experiment, uri)
 
@@ -81,6 +84,20 @@ class MlflowTracker(Tracker):
             self.mlflow.flush_async_logging()
         finally:
             self.mlflow.end_run(status=status)
+
+
+def store_lock(uri: str):
+    """A file lock beside a local sqlite store, held while it is created or migrated and the run
+    is made. Two processes that open a fresh store at once both create and migrate its tables;
+    one of them then fails or its run is lost. Other stores lock for themselves."""
+    from contextlib import nullcontext
+
+    from filelock import FileLock
+
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    path = uri[len("sqlite:///"):]
+    return FileLock(os.path.abspath(path) + ".lock", timeout=300)
 
 
 def _metric_name(key: str) -> str:
@@ -117,10 +134,25 @@ def start_tracker(tracking_cfg) -> Tracker:
         if tracking_cfg.required:
             raise ConfigError(f"tracking.uri={uri}: MLflow server unreachable "
                               "(tracking.required=true)")
-        log.warning("MLflow server %s unreachable: this run trains and writes its files to the "
-                    "run dir, but nothing is logged to MLflow (params, metrics, artifacts)", uri)
-        return Tracker()
+        tracker = Tracker()
+        tracker.problem = f"MLflow server {uri} unreachable at the start of the run"
+        log.warning("%s: this run trains and writes its files to the run dir, but nothing is "
+                    "logged to MLflow (params, metrics, artifacts)", tracker.problem)
+        return tracker
     return MlflowTracker(uri, tracking_cfg.experiment_name, tracking_cfg.run_name)
+
+
+def record_failed_run(cfg: DictConfig, exc: BaseException) -> None:
+    """A FAILED run with the config and the reason, for a trial stopped before it could start
+    (a sweep then shows every trial, each with why it failed)."""
+    from lorasweep.errors import one_line
+
+    tracker = start_tracker(cfg.tracking)
+    try:
+        tracker.log_params(flatten_params(cfg))
+        tracker.set_tags({"failure_reason": one_line(exc)[:5000]})
+    finally:
+        tracker.end("FAILED")
 
 
 def flatten_params(cfg: DictConfig) -> Dict[str, str]:

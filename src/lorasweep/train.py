@@ -22,33 +22,49 @@ from omegaconf import DictConfig  # noqa: E402
 from lorasweep.config import CONF_DIR  # noqa: E402  (importing it registers the schemas)
 from lorasweep.distributed import (agree_on_run_dir, destroy_process_group,  # noqa: E402
                                    launched, strip_local_rank_arg)
-from lorasweep.errors import UserError, exit_with_user_error, run_cli  # noqa: E402
+from lorasweep.errors import (UserError, exit_2_on_user_error,  # noqa: E402
+                              exit_with_user_error, run_cli)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
+    return exit_2_on_user_error(train, cfg)
+
+
+def train(cfg: DictConfig) -> float:
+    """One run (in this process, or on N ranks through a launcher); the objective's value."""
     from lorasweep.launcher import placement_for, run_launched
     from lorasweep.pipeline import objective_value, run
 
     hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
     overrides = tuple(hydra_cfg.overrides.task) if hydra_cfg else ()
-    try:
-        nproc = cfg.distributed.nproc_per_node
-        placement = None if launched() else placement_for(hydra_cfg, nproc)
-        if placement is not None and (nproc > 1 or placement.own_process):
-            metrics = run_launched(cfg.distributed.launcher, nproc, overrides, cfg.output_dir,
-                                   placement, cfg.tracking.secret_keys)
-        else:
-            if placement is not None and placement.threads:
-                import torch
+    nproc = cfg.distributed.nproc_per_node
+    placement = None if launched() else placement_for(hydra_cfg, nproc)
+    if placement is not None and (nproc > 1 or placement.own_process):
+        check_before_launch(cfg, hydra_cfg)
+        metrics = run_launched(cfg.distributed.launcher, nproc, overrides, cfg.output_dir,
+                               placement, cfg.tracking.secret_keys)
+    else:
+        if placement is not None and placement.threads:
+            import torch
 
-                torch.set_num_threads(placement.threads)  # this trial's share of the cores
-            metrics = run(cfg, overrides=overrides)
-        return objective_value(metrics, cfg.objective.metric)
+            torch.set_num_threads(placement.threads)  # this trial's share of the cores
+        metrics = run(cfg, overrides=overrides)
+    return objective_value(metrics, cfg.objective.metric)
+
+
+def check_before_launch(cfg: DictConfig, hydra_cfg) -> None:
+    """Every rank would reject a bad config: say so here, in one line, and start no launcher.
+    A sweep trial still gets its FAILED MLflow run with the reason, as an in-process one does."""
+    from lorasweep.preflight import check_run_config
+    from lorasweep.tracking import record_failed_run
+
+    try:
+        check_run_config(cfg)
     except UserError as exc:
-        if hydra_cfg is None or hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # in a sweep, the sweeper records the trial as failed and goes on
-        exit_with_user_error(exc)
+        if hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN:
+            record_failed_run(cfg, exc)
+        raise
 
 
 def resolve_run_dir() -> str:

@@ -1,0 +1,60 @@
+"""SIGTERM handled like Ctrl-C.
+
+SLURM and most schedulers send SIGTERM before they kill a job. Python's default action ends the
+process on the spot, so the MLflow run would stay RUNNING forever. Raised as an exception instead,
+it unwinds like a KeyboardInterrupt: the run ends KILLED with its reason, checkpoints already
+written stay (a rerun of the same command resumes from the last complete one), and the process
+exits with one line and the shell's code for the signal.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+EXIT_SIGINT = 130  # 128 + the signal number, as a shell reports a process killed by it
+EXIT_SIGTERM = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, like KeyboardInterrupt, so no `except Exception` on the
+    way up (Hydra's job runner, a library) takes it for an ordinary error."""
+
+
+def raise_on_sigterm() -> None:
+    """From now on SIGTERM raises `Terminated` in the main thread (where signals arrive)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+    raise Terminated("SIGTERM")
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    return isinstance(exc, (KeyboardInterrupt, Terminated))
+
+
+def run_status(exc: BaseException) -> str:
+    """The MLflow status of a run that ended with `exc`."""
+    return "KILLED" if is_interrupt(exc) else "FAILED"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The failure_reason tag: never empty (a KeyboardInterrupt has no message)."""
+    from lorasweep.errors import one_line
+
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(exc, Terminated):
+        return "interrupted (SIGTERM)"
+    return one_line(exc)[:5000] or type(exc).__name__
+
+
+def exit_interrupted(exc: BaseException) -> None:
+    print(f"lorasweep: {failure_reason(exc)}; rerun the same command to resume from the last "
+          "complete checkpoint (when training.save_strategy writes them)", file=sys.stderr,
+          flush=True)
+    sys.exit(EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT)

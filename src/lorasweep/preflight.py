@@ -1,0 +1,82 @@
+"""Checks that a run can start, made before any data or model work: the config's values
+(`config.validate`), the model's position limit, a run dir that can be created.
+
+Each failure is a user error: one line naming the key, exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from lorasweep.config import validate
+from lorasweep.errors import ConfigError, exit_with_user_error
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Everything a training run checks before it reads data or loads a model."""
+    validate(cfg)
+    check_max_length(cfg.data.max_length, cfg.model, "data.max_length")
+
+
+def model_position_limit(model_cfg) -> Optional[int]:
+    """The most token positions the model takes (`max_position_embeddings`); None when that is
+    unknown without loading weights (a hub id: its own load reports any problem)."""
+    from transformers import AutoConfig
+
+    try:
+        if model_cfg.arch is not None:
+            arch = dict(model_cfg.arch)
+            config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        elif model_cfg.name_or_path and os.path.isdir(model_cfg.name_or_path):
+            config = AutoConfig.from_pretrained(model_cfg.name_or_path,
+                                                trust_remote_code=model_cfg.trust_remote_code)
+        else:
+            return None
+    except (OSError, ValueError, KeyError):
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_max_length(max_length: int, model_cfg, key: str) -> None:
+    """A longer input than the position embeddings would fail deep inside the model's forward."""
+    limit = model_position_limit(model_cfg)
+    if limit is not None and max_length > limit:
+        source = model_cfg.name_or_path or f"model.arch ({model_cfg.arch.model_type})"
+        raise ConfigError(f"{key}={max_length}: the model takes at most {limit} tokens "
+                          f"(max_position_embeddings of {source}); set {key} <= {limit}")
+
+
+def uncreatable_reason(path: str) -> Optional[str]:
+    """Why `path` cannot be made a directory, or None when it can (or already is one)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if probe == os.path.abspath(path) and os.path.isdir(probe):
+        return None
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"no permission to create directories in {probe}"
+    return None
+
+
+class RunDirCheck(Callback):
+    """Hydra creates the run (or sweep) dir before any lorasweep code runs; a path below a file
+    would end in a traceback there. Hydra turns an exception in a callback into a warning, so a
+    bad dir exits here, with the one-line error."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _exit_if_uncreatable("hydra.run.dir", str(config.hydra.run.dir))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _exit_if_uncreatable("hydra.sweep.dir", str(config.hydra.sweep.dir))
+
+
+def _exit_if_uncreatable(key: str, path: str) -> None:
+    reason = uncreatable_reason(path)
+    if reason:
+        exit_with_user_error(ConfigError(f"{key}={path}: cannot create the directory ({reason})"))

@@ -1,0 +1,87 @@
+"""Faults on real runs: SIGTERM and Ctrl-C mid-training end the MLflow run KILLED with a reason
+and a rerun resumes; two runs opening one fresh local MLflow store at once are both recorded."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, SMOKE, TRAIN, cli_env, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def runs_in(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id])
+
+
+def default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if any((p / "trainer_state.json").is_file()
+               for p in (run / "checkpoints").glob("checkpoint-*")):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint appeared (exit code {proc.poll()})")
+
+
+@pytest.mark.parametrize("signum,code,reason", [
+    (signal.SIGTERM, 143, "interrupted (SIGTERM)"), (signal.SIGINT, 130, "interrupted (Ctrl-C)")],
+    ids=["SIGTERM", "SIGINT"])
+def test_a_signal_mid_training_ends_the_run_killed_and_a_rerun_resumes(signum, code, reason,
+                                                                       tmp_path):
+    run, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [*SMOKE[:2], f"tracking.uri={uri}", "tracking.experiment_name=faults",
+            "training.max_steps=80", "training.save_strategy=steps", "training.save_steps=5",
+            f"hydra.run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}"]
+    # A job started in the background inherits SIGINT ignored; Python then adds no Ctrl-C handler.
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, env=cli_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)
+    try:
+        wait_for_checkpoint(run, proc)
+        proc.send_signal(signum)
+        sent = time.time()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert time.time() - sent < 30, "the run did not stop promptly"
+    assert proc.returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr and f"lorasweep: {reason}" in stderr, stderr[-3000:]
+    assert not (run / "metrics.json").exists(), "the run finished before the signal"
+    [killed] = runs_in(uri, "faults")
+    assert killed.info.status == "KILLED" and killed.data.tags["failure_reason"] == reason
+    if signum != signal.SIGTERM:
+        return  # resuming does not depend on which signal stopped the run
+
+    again = run_cli(args, tmp_path, check=True)
+    assert "resuming from" in again.stdout + again.stderr
+    assert json.loads((run / "metrics.json").read_text())["resumed_from_step"] >= 5
+    statuses = sorted(r.info.status for r in runs_in(uri, "faults"))
+    assert statuses == ["FINISHED", "KILLED"]
+
+
+def test_two_runs_on_one_fresh_sqlite_store_are_both_recorded(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    procs = [subprocess.Popen(
+        [sys.executable, str(TRAIN), *SMOKE[:2], f"tracking.uri={uri}",
+         "tracking.experiment_name=together", f"hydra.run.dir={tmp_path / f'run{i}'}",
+         f"data.cache_dir={tmp_path / f'cache{i}'}"],
+        cwd=ROOT, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    runs = runs_in(uri, "together")
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
+    assert len({r.data.tags["run_dir"] for r in runs}) == 2
