@@ -181,9 +181,12 @@ def synthetic_trials(n, seed=0):
     rng = random.Random(seed)
     trials = []
     for number in range(n):
-        lr = 10 ** rng.uniform(-4, -2.53)
-        overrides = [f"training.learning_rate={lr}", f"lora.r={rng.choice([4, 8, 16])}",
-                     f"lora.alpha={rng.choice([8, 16, 32])}",
+        lr = 10 ** rng.uniform(-3.52, -2.53)
+        overrides = [f"training.learning_rate={lr}", f"lora.r={rng.choice([8, 16, 32])}",
+                     f"training.num_train_epochs={rng.choice([3, 5])}",
+                     f"model.head_init={rng.choice(['probe', 'random'])}",
+                     f"lora={rng.choice(['default', 'all_linear'])}",
+                     f"lora.alpha={rng.choice([16, 32])}",
                      f"lora.dropout={rng.uniform(0, 0.2)}", "loss=ce",
                      f"loss.alpha={rng.uniform(0.2, 1)}",
                      f"training.warmup_steps={rng.uniform(0, 0.1)}", "model=tiny_bert"]
@@ -204,7 +207,7 @@ def broken_plot(*args):
 def test_param_importance_from_trial_records(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="lorasweep.sweep")
     space = search_space(optuna_f1_params(), ["hparams_search=optuna_f1", "model=tiny_bert"])
-    assert len(space) == 7
+    assert len(space) == 10
     trials = synthetic_trials(12)
     importances, note = param_importances(trials, space)
     assert note == "12 completed trials"

@@ -58,7 +58,8 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.1
-    # null = PEFT's per-architecture default (bert: query/value, qwen2: q_proj/v_proj).
+    # null = PEFT's per-architecture default (bert: query/value, qwen2: q_proj/v_proj);
+    # [all-linear] = every Linear layer but the head (conf/lora/all_linear.yaml)
     target_modules: Optional[List[str]] = None
     bias: str = "none"
     task_type: str = "SEQ_CLS"

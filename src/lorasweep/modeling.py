@@ -123,7 +123,7 @@ def apply_lora(model, lora_cfg):
     peft_config = LoraConfig(
         task_type=TaskType[lora_cfg.task_type], r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout, bias=lora_cfg.bias,
-        target_modules=list(lora_cfg.target_modules) if lora_cfg.target_modules else None,
+        target_modules=peft_targets(lora_cfg.target_modules),
         modules_to_save=list(lora_cfg.modules_to_save),
     )
     try:
@@ -135,6 +135,15 @@ def apply_lora(model, lora_cfg):
         log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}",
                  100 * trainable / total)
     return model
+
+
+def peft_targets(target_modules):
+    """None: PEFT's default for the architecture; [all-linear]: PEFT's every-Linear-but-the-head
+    shorthand (bert: query..output.dense and the pooler; qwen2: q/k/v/o and the MLP); else names."""
+    if not target_modules:
+        return None
+    names = list(target_modules)
+    return "all-linear" if names == ["all-linear"] else names
 
 
 def count_parameters(model) -> dict:
