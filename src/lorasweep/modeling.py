@@ -50,10 +50,9 @@ def _label_kwargs(model_cfg, label_map: LabelMap, tokenizer) -> dict:
 def random_base_model(model_cfg, cache_dir: str, seed: int) -> str:
     """Materialise a random-weight model (`model.arch`) once as a local dir, and return its path.
 
-    From then on it loads through the same `from_pretrained` path as real weights (so ZeRO-3
-    partitions it at load), and the saved adapter's base is the same on every rank and every run.
-    Call it before TrainingArguments exists: under ZeRO-3, model creation afterwards is a
-    collective (zero.Init). A file lock, not a barrier, so it works before any process group.
+    From then on it loads through the same `from_pretrained` path as real weights, and the saved
+    adapter's base is the same on every rank and every run. When to call it: see
+    `pipeline.set_up`. A file lock, not a barrier, so it works before any process group.
     """
     arch = dict(model_cfg.arch)
     key = hashlib.sha256(json.dumps([arch, seed], sort_keys=True).encode()).hexdigest()[:16]
@@ -75,8 +74,7 @@ def random_base_model(model_cfg, cache_dir: str, seed: int) -> str:
 def build_model(model_cfg, label_map: LabelMap, tokenizer, base_path: str):
     """A sequence classifier with `num_labels` slots and the label names in its config.
 
-    Call after TrainingArguments exists: under ZeRO-3 `from_pretrained` then loads the weights
-    already partitioned across ranks.
+    When to call it (ZeRO-3 partitions at load): see `pipeline.set_up`.
     """
     try:
         with quiet_loading():

@@ -1,7 +1,7 @@
 """One training run, start to finish: `run(cfg) -> metrics`. Works without Hydra (tests call it).
 
-validate -> tracker -> DeepSpeed dict -> TrainingArguments -> data (split, labels, tokenize)
--> model + LoRA -> Trainer -> train (resume) -> evaluate -> save -> metrics files -> MLflow
+check config -> tracker -> DeepSpeed dict -> set_up (TrainingArguments, data, model, head warm
+start, LoRA, Trainer) -> fit (train, best epoch, evaluate, save, baseline) -> finish (files, MLflow)
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 
 from omegaconf import DictConfig
-from transformers import DataCollatorWithPadding, set_seed
+from transformers import DataCollatorWithPadding, Trainer, set_seed
 
 from lorasweep import __version__, distributed, outputs, reports
 from lorasweep.baseline import tfidf_baseline
@@ -123,63 +124,102 @@ def tracker_uri(cfg: DictConfig) -> str:
     return resolve_uri(cfg.tracking)
 
 
+@dataclass
+class Recipe:
+    """What `set_up` builds for one run and `fit` / `finish` use."""
+
+    trainer: Trainer
+    tokenizer: Any
+    data: PreparedData
+    base_path: str
+    resume_from: Optional[str]
+    comparison: Dict[str, float]  # the probe's scores (warm start); the baseline's join later
+    rank_zero: bool
+
+
 def train_and_save(cfg: DictConfig, tracker: Tracker,
                    ds_config: Optional[dict]) -> Dict[str, Any]:
-    """`ds_config`: the DeepSpeed dict built from cfg.deepspeed (None: no DeepSpeed)."""
-    run_dir = cfg.output_dir
+    """set up -> fit -> finish. `ds_config`: the DeepSpeed dict built from cfg.deepspeed (None:
+    no DeepSpeed). Every rank runs all three; only rank 0 writes."""
     started = time.perf_counter()
-    base_path = base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed)  # before ZeRO-3 is on
-    if ds_config is not None and distributed.is_rank_zero():  # "will it fit", before loading
+    recipe = set_up(cfg, tracker, ds_config)
+    metrics, probabilities = fit(cfg, recipe)
+    metrics["wall_time_s"] = time.perf_counter() - started
+    if recipe.rank_zero:
+        finish(cfg, recipe, tracker, ds_config, metrics, probabilities)
+    distributed.barrier()
+    return metrics
+
+
+def set_up(cfg: DictConfig, tracker: Tracker, ds_config: Optional[dict]) -> Recipe:
+    """The order is ZeRO-3's: a random test model is materialised as a local dir first (after
+    TrainingArguments exist, creating a model is a collective under ZeRO-3); TrainingArguments
+    are built before `from_pretrained`, so ZeRO-3 partitions the weights as they load; the head
+    is warm-started before LoRA wraps the model (PEFT copies the head it finds) and before the
+    Trainer builds the optimizer (DeepSpeed keeps its own copy of the weights from then on)."""
+    rank_zero = distributed.is_rank_zero()
+    base_path = base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed)
+    if ds_config is not None and rank_zero:  # "will it fit", before loading
         total, largest = count_model_parameters(base_path, cfg.model.trust_remote_code)
         log.info("%s", estimate_model_state_memory(ds_config, total, largest,
                                                    distributed.world_size()))
-    args = build_training_arguments(cfg.training, run_dir, cfg.seed, ds_config,
+    args = build_training_arguments(cfg.training, cfg.output_dir, cfg.seed, ds_config,
                                     cfg.objective.metric, cfg.tracking.secret_keys)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer)
-    if distributed.is_rank_zero():
+    if rank_zero:
         log.info("%s", format_diagnostics(data.metadata))
     model = build_model(cfg.model, data.label_map, tokenizer, base_path)
     loss_fn = build_loss(cfg.loss, data.tokenized["train"]["labels"], len(data.label_map.labels))
-    resume_from = find_resume_checkpoint(cfg.resume, run_dir)
+    resume_from = find_resume_checkpoint(cfg.resume, cfg.output_dir)
     comparison = warm_start(cfg, model, data, tokenizer, loss_fn, resume_from)
     model = apply_lora(model, cfg.lora)
     trainer = build_trainer(model, args, data.tokenized, tokenizer, loss_fn,
                             [TrackingCallback(tracker)], cfg.training.early_stopping_patience,
                             cfg.training.head_learning_rate,
                             cfg.lora.modules_to_save if cfg.lora.enable else HEAD_NAMES)
-    if resume_from:
-        log.info("resuming from %s", resume_from)
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    return Recipe(trainer, tokenizer, data, base_path, resume_from, comparison, rank_zero)
+
+
+def fit(cfg: DictConfig, recipe: Recipe) -> tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    """Train (resuming if asked), end with the best epoch's weights, evaluate, save the model;
+    the metrics (with the probe's and the baseline's) and each split's class probabilities."""
+    trainer, data = recipe.trainer, recipe.data
+    if recipe.resume_from:
+        log.info("resuming from %s", recipe.resume_from)
+    train_result = trainer.train(resume_from_checkpoint=recipe.resume_from)
     eval_metrics, eval_probs = evaluate_split(trainer, data.tokenized["validation"], "eval")
     test_metrics, test_probs = evaluate_split(trainer, data.tokenized["test"], "test")
-    save_model(trainer, run_dir, tokenizer, cfg.lora.enable)
-    if distributed.is_rank_zero() and cfg.baseline == "tfidf":
-        comparison.update(baseline_metrics(data) or {})
-    metrics = {**train_result.metrics, **eval_metrics, **test_metrics, **comparison}
-    metrics["best_epoch"] = best_epoch(trainer)
-    labels = data.label_map.labels
-    test_pred, test_true = test_probs.argmax(axis=-1), np.asarray(data.tokenized["test"]["labels"])
-    hierarchy = hierarchy_metrics(test_pred, test_true, labels, cfg.metrics.hierarchy_prefixes)
+    save_model(trainer, cfg.output_dir, recipe.tokenizer, cfg.lora.enable)
+    if recipe.rank_zero and cfg.baseline == "tfidf":
+        recipe.comparison.update(baseline_metrics(data) or {})
+    metrics = {**train_result.metrics, **eval_metrics, **test_metrics, **recipe.comparison,
+               "best_epoch": best_epoch(trainer),
+               "resumed_from_step": _checkpoint_step(recipe.resume_from)}
+    test_pred = test_probs.argmax(axis=-1)
+    hierarchy = hierarchy_metrics(test_pred, np.asarray(data.tokenized["test"]["labels"]),
+                                  data.label_map.labels, cfg.metrics.hierarchy_prefixes)
     metrics.update({f"test_{k}": v for k, v in hierarchy.items()})
-    metrics["resumed_from_step"] = _checkpoint_step(resume_from)
-    metrics["wall_time_s"] = time.perf_counter() - started
-    if distributed.is_rank_zero():
-        # Only now that the new model is saved: a rerun into a finished run's dir that fails
-        # earlier leaves that run's config, label map and serializer matching its model.
-        write_data_files(cfg, data, run_dir)
-        outputs.write_json(run_dir, outputs.METRICS, metrics)
-        outputs.write_json(run_dir, outputs.MODEL_METADATA,
-                           model_metadata(cfg, trainer, ds_config, base_path))
-        report_files = reports.write_reports(run_dir, test_pred, test_true, labels)
-        report_files += [
-            reports.write_predictions(run_dir, split, data.raw[split], data.texts(split), probs,
-                                      labels, cfg.data.label_column)
-            for split, probs in (("validation", eval_probs), ("test", test_probs))]
-        tracker.log_metrics(metrics)
-        log_artifacts(tracker, cfg, run_dir, report_files)
-    distributed.barrier()
-    return metrics
+    return metrics, {"validation": eval_probs, "test": test_probs}
+
+
+def finish(cfg: DictConfig, recipe: Recipe, tracker: Tracker, ds_config: Optional[dict],
+           metrics: Dict[str, Any], probabilities: Dict[str, np.ndarray]) -> None:
+    """Rank 0: the run's files, reports and MLflow record. Only now that the new model is saved:
+    a rerun into a finished run's dir that fails earlier leaves that run's config, label map and
+    serializer matching its model."""
+    run_dir, data, labels = cfg.output_dir, recipe.data, recipe.data.label_map.labels
+    write_data_files(cfg, data, run_dir)
+    outputs.write_json(run_dir, outputs.METRICS, metrics)
+    outputs.write_json(run_dir, outputs.MODEL_METADATA,
+                       model_metadata(cfg, recipe.trainer, ds_config, recipe.base_path))
+    report_files = reports.write_reports(run_dir, probabilities["test"].argmax(axis=-1),
+                                         np.asarray(data.tokenized["test"]["labels"]), labels)
+    report_files += [reports.write_predictions(run_dir, split, data.raw[split], data.texts(split),
+                                               probs, labels, cfg.data.label_column)
+                     for split, probs in probabilities.items()]
+    tracker.log_metrics(metrics)
+    log_artifacts(tracker, cfg, run_dir, report_files)
 
 
 def warm_start(cfg: DictConfig, model, data: PreparedData, tokenizer, loss_fn,

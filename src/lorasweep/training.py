@@ -41,7 +41,7 @@ def build_training_arguments(train_cfg, run_dir: str, seed: int,
                              ds_config: Optional[Dict[str, Any]],
                              objective_metric: str = "eval_f1_macro",
                              secret_keys: Sequence[str] = ()) -> TrainingArguments:
-    """Build before `from_pretrained`: with a ZeRO-3 dict, the model then loads partitioned.
+    """Build before `from_pretrained` (see `pipeline.set_up`).
     `secret_keys`: further names of secret arguments (tracking.secret_keys), never pickled."""
     kwargs = {k: v for k, v in dict(train_cfg).items() if k not in OWN_KEYS}
     if train_cfg.load_best_model_at_end:  # greater_is_better follows: False only for *loss
