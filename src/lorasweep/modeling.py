@@ -12,6 +12,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassificat
                           AutoTokenizer)
 
 from lorasweep import distributed
+from lorasweep.config import CHOICES
 from lorasweep.console import quiet_loading
 from lorasweep.data import LabelMap
 from lorasweep.errors import ConfigError
@@ -19,7 +20,8 @@ from lorasweep.errors import ConfigError
 log = logging.getLogger(__name__)
 
 HEAD_NAMES = ("classifier", "score")  # what *ForSequenceClassification models call the head
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# model.dtype names torch dtypes by their attribute names (torch.bfloat16, ...).
+DTYPES = {name: getattr(torch, name) for name in CHOICES["model.dtype"]}
 
 
 def load_tokenizer(model_cfg):

@@ -33,10 +33,10 @@ class PredictConfig:
     run_dir: str = MISSING
     input: str = MISSING
     output: str = MISSING
-    top_k: int = 3
-    batch_size: int = 64
+    top_k: int = 3  # top1_label/top1_score ... topK_label/topK_score columns
+    batch_size: int = 64  # rows per forward pass (batched by token length, output in input order)
     max_length: Optional[int] = None  # None: the run's data.max_length
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    device: str = "auto"  # auto: cuda when available; or cpu, cuda
     progress: bool = True
 
 
