@@ -78,7 +78,7 @@ def assert_reload_reproduces_predictions(run_dir: Path) -> None:
 
 
 def save_tokenized_dataset_dict(path, tokenizer, rows=300, max_token=None):
-    """The seeds' input: a DatasetDict with input_ids / attention_mask and a ClassLabel label."""
+    """A tokenized export: a DatasetDict with input_ids / attention_mask and a ClassLabel label."""
     table = pd.read_parquet(SAMPLE).head(rows)
     names = sorted(set(table["acct_code"]))
     encoded = tokenizer((table["vendor"] + " " + table["description"]).tolist(), truncation=True,

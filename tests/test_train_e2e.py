@@ -69,7 +69,7 @@ def test_a_users_csv_trains_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_a_tokenized_dataset_dict_trains_end_to_end(tmp_path):
-    """The seeds' input: `data=hf_disk` on a tokenized DatasetDict with a ClassLabel column."""
+    """A tokenized export: `data=hf_disk` on a tokenized DatasetDict with a ClassLabel column."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(compose_cfg(SMOKE).model.tokenizer_name_or_path)

@@ -290,7 +290,7 @@ def _load_hf_disk(data_cfg) -> tuple[datasets.DatasetDict, List[str], Dict[str, 
 
 
 def prepare_pretokenized(loaded: datasets.DatasetDict, data_cfg, tokenizer) -> PreparedData:
-    """A DatasetDict that already has input_ids (the seeds' input): used in place, not cached
+    """A DatasetDict that already has input_ids (a tokenized export): used in place, not cached
     (there is nothing to tokenize, and a copy of a large dataset would only cost disk).
 
     Class ids are kept: names come from a ClassLabel feature, else the ids are the names. For

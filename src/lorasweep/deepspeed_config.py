@@ -30,7 +30,7 @@ def deep_merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]
 
 def build_deepspeed_config(ds_cfg) -> Optional[Dict[str, Any]]:
     """None for `deepspeed=none`; else the group's `config`, with `config_path`'s JSON merged
-    over it (the JSON wins on conflicts, as the design documents say). "auto" values stay for
+    over it (the JSON wins on conflicts: it is the file the user chose). "auto" values stay for
     the Trainer to fill from training.*."""
     if not ds_cfg.enabled:
         return None

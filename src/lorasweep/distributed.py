@@ -77,8 +77,8 @@ def prepare_backend(use_deepspeed: bool) -> dict:
 
     On CUDA, accelerate does everything. On a CPU-only machine it picks no backend: N launched
     ranks would each train alone (world_size 1) and DeepSpeed's batch-size check fails. There we
-    create the accelerate state with gloo ourselves and tell the Trainer to use it
-    (../shared/PLATFORM.md): DeepSpeed then builds real ZeRO engines, plain runs train as DDP.
+    create the accelerate state with gloo ourselves and tell the Trainer to use it: DeepSpeed
+    then builds real ZeRO engines, plain runs train as DDP.
     """
     import torch
 

@@ -9,7 +9,7 @@ from typing import Callable
 
 EXIT_USER_ERROR = 2
 
-# transformers 5 renamed these; the seeds' configs still use the old names.
+# transformers 5 renamed these; configs written for transformers 4 still use the old names.
 RENAMED_KEYS = {
     "warmup_ratio": "training.warmup_steps (a float in [0, 1) is a ratio since transformers 5)",
     "group_by_length": "training.train_sampling_strategy=group_by_length (transformers 5)",

@@ -1,7 +1,7 @@
 """Classification metrics through `evaluate`, computed by scikit-learn, with no hub access.
 
 `evaluate.load("accuracy")` downloads its script; this module defines the metric as an
-`evaluate.Metric` subclass instead, so it runs offline (../shared/PLATFORM.md).
+`evaluate.Metric` subclass instead, so it runs offline.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ class OrderedEvalTrainer(Trainer):
 
     With `train_sampling_strategy=group_by_length`, transformers 5 also length-groups (shuffles)
     evaluation batches, so `predict()` output no longer lines up with the rows. Metrics would not
-    care, but per-row predictions would be silently wrong (../shared/PLATFORM.md). On N ranks the
+    care, but per-row predictions would be silently wrong. On N ranks the
     Trainer already uses an ordered, sharded sampler.
     """
 
