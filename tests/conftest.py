@@ -66,7 +66,7 @@ def assert_reload_reproduces_predictions(run_dir: Path) -> None:
     """The saved adapter + tokenizer + label map, reloaded with PEFT, give the predictions the
     training process wrote for the validation split (reports/predictions_validation.csv)."""
     from lorasweep.inference import predict_probabilities
-    from lorasweep.modeling import load_for_inference
+    from lorasweep.runs import load_for_inference
 
     model, tokenizer, label_map, cfg = load_for_inference(str(run_dir))
     saved = pd.read_csv(run_dir / "reports" / "predictions_validation.csv",

@@ -54,8 +54,7 @@ def single_row_probabilities(trained_run, varied_input) -> np.ndarray:
     """Each row predicted alone (batch of one, no padding), through the training serializer."""
     from lorasweep.data import serialize_batch
     from lorasweep.inference import predict_probabilities
-    from lorasweep.modeling import load_for_inference
-    from lorasweep.predict import run_serialization
+    from lorasweep.runs import load_for_inference, run_serialization
 
     model, tokenizer, _, cfg = load_for_inference(str(trained_run))
     settings = run_serialization(str(trained_run), cfg)
@@ -118,8 +117,7 @@ def test_export_predicts_like_the_adapter_model(trained_run, varied_input, tmp_p
 
     from lorasweep.data import serialize_batch
     from lorasweep.inference import predict_probabilities
-    from lorasweep.modeling import load_for_inference
-    from lorasweep.predict import run_serialization
+    from lorasweep.runs import load_for_inference, run_serialization
 
     out = tmp_path / "exported"
     proc = run_tool(EXPORT, [f"run_dir={trained_run}", f"output={out}"], tmp_path)

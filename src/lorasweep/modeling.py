@@ -148,26 +148,3 @@ def count_parameters(model) -> dict:
         trainable += n if param.requires_grad else 0
     return {"trainable": trainable, "total": total}
 
-
-def load_for_inference(run_dir: str):
-    """Rebuild a trained model from its run dir: base + adapter (or the full model), tokenizer."""
-    from lorasweep import outputs
-
-    cfg = outputs.load_run_config(run_dir)
-    meta = outputs.read_json(run_dir, outputs.MODEL_METADATA)
-    label_map = LabelMap.from_json(outputs.read_json(run_dir, outputs.LABEL_MAP))
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, outputs.TOKENIZER_DIR))
-    adapter_dir = os.path.join(run_dir, outputs.ADAPTER_DIR)
-    if os.path.isdir(adapter_dir):
-        from peft import PeftModel
-
-        base_path = base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed)
-        if not os.path.isdir(base_path) and cfg.model.arch is None:
-            base_path = meta.get("base_model", base_path)
-        base = build_model(cfg.model, label_map, tokenizer, base_path)
-        model = PeftModel.from_pretrained(base, adapter_dir)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            os.path.join(run_dir, outputs.FULL_MODEL_DIR))
-    model.eval()
-    return model, tokenizer, label_map, cfg

@@ -1,4 +1,4 @@
-"""The layout of a run dir, and the few helpers that read and write it.
+"""The layout of a run dir and its file helpers; runs.py reads a finished run back from it.
 
     <run_dir>/adapter/  (or model/ with lora=none)   tokenizer/   label_map.json
              model_metadata.json  dataset_metadata.json  metrics.json  config.yaml  .hydra/
@@ -49,13 +49,3 @@ def save_run_config(run_dir: str, cfg: DictConfig) -> str:
     OmegaConf.save(OmegaConf.create(masked_container(cfg, cfg.tracking.secret_keys)), path)
     return path
 
-
-def load_run_config(run_dir: str) -> DictConfig:
-    path = os.path.join(run_dir, RUN_CONFIG)
-    if not os.path.isfile(path):
-        from lorasweep.errors import UserError
-
-        raise UserError(f"run_dir={run_dir}: no {RUN_CONFIG}; is this a finished lorasweep run?")
-    from lorasweep.config import TrainConfig
-
-    return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
