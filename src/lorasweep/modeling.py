@@ -15,7 +15,7 @@ from lorasweep import distributed
 from lorasweep.config import CHOICES
 from lorasweep.console import quiet_loading
 from lorasweep.data import LabelMap
-from lorasweep.errors import ConfigError
+from lorasweep.errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def load_tokenizer(model_cfg):
                                                   trust_remote_code=model_cfg.trust_remote_code)
     except OSError as exc:
         raise ConfigError(f"model: cannot load a tokenizer from {source!r} "
-                          f"({' '.join(str(exc).split())[:200]})") from None
+                          f"({one_line(exc)[:200]})") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f"model: tokenizer {source!r} has neither a pad nor an eos token")
@@ -88,7 +88,7 @@ def build_model(model_cfg, label_map: LabelMap, tokenizer, base_path: str):
                 **_label_kwargs(model_cfg, label_map, tokenizer))
     except OSError as exc:
         raise ConfigError(f"model.name_or_path={base_path!r}: cannot load "
-                          f"({' '.join(str(exc).split())[:200]})") from None
+                          f"({one_line(exc)[:200]})") from None
     report_new_weights(info, len(label_map.labels))
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -33,8 +33,8 @@ from lorasweep.modeling import (apply_lora, base_model_path, build_model, count_
 from lorasweep.redaction import mask_overrides
 from lorasweep.tracking import (Tracker, TrackingCallback, flatten_params, git_commit,
                                 resolve_uri, start_tracker)
-from lorasweep.training import (best_epoch, build_trainer, build_training_arguments,
-                                evaluate_split, find_resume_checkpoint, save_model)
+from lorasweep.trainer import (best_epoch, build_trainer, build_training_arguments,
+                               evaluate_split, find_resume_checkpoint, save_model)
 from lorasweep.warmstart import warm_start_head
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def run_summary(metrics: Dict[str, Any], cfg: DictConfig, tracker: Tracker) -> s
         lines.append(f"  {verdict}")
     lines.append(f"  outputs: {os.path.abspath(cfg.output_dir)}")
     if tracker.run_id:
-        uri = tracker_uri(cfg)
+        uri = resolve_uri(cfg.tracking)
         lines.append(f"  MLflow run {tracker.run_id} in {uri}")
         if uri.startswith("sqlite:"):
             lines.append(f"  view it: mlflow ui --backend-store-uri {uri}")
@@ -113,10 +113,6 @@ def baseline_verdict(metrics: Dict[str, Any], objective: str) -> Optional[str]:
         return (f"WARNING: the model's {objective} {ours:.4f} is below the TF-IDF + logistic "
                 f"regression baseline's {theirs:.4f} (by {abs(theirs - ours):.4f})")
     return None
-
-
-def tracker_uri(cfg: DictConfig) -> str:
-    return resolve_uri(cfg.tracking)
 
 
 def train_and_save(cfg: DictConfig, tracker: Tracker,
