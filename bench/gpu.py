@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 from _common import compose_train, fill_defaults
 
@@ -95,31 +94,6 @@ def synthetic_rows(n_rows: int, seq_len: int, vocab: int, pad_id: int, num_label
         "labels": rng.integers(0, num_labels, size=n_rows).tolist()})
 
 
-def step_timer():
-    import torch
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        """Stamps each optimizer step's end, after the GPU has really finished it."""
-
-        def __init__(self):
-            self.stamps = []
-
-        def _stamp(self):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.stamps.append(time.perf_counter())
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.stamps = []
-            self._stamp()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self._stamp()
-
-    return StepTimer()
-
-
 def build_variant(args, cfg, timer):
     """lorasweep's path: base model before TrainingArguments (ZeRO-3), then model, LoRA, Trainer."""
     from lorasweep.data import LabelMap
@@ -132,7 +106,7 @@ def build_variant(args, cfg, timer):
         count_parameters,
         load_tokenizer,
     )
-    from lorasweep.training import build_trainer, build_training_arguments
+    from lorasweep.trainer import build_trainer, build_training_arguments
 
     ds_config = build_deepspeed_config(cfg.deepspeed)
     base_path = base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed)
@@ -156,11 +130,12 @@ def build_variant(args, cfg, timer):
 def run_variant(args) -> dict:
     """Train one variant for `--steps` steps; its speed, memory and MFU figures."""
     import torch
+    from step_timer import StepTimer
 
     gc = bool(args.gc)
     with tempfile.TemporaryDirectory(prefix="lorasweep-gpu-") as work:
         cfg = compose_config(args, work, args.variant, gc)
-        timer = step_timer()
+        timer = StepTimer()
         trainer, non_embedding, trainable = build_variant(args, cfg, timer)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

@@ -59,25 +59,6 @@ def train_overrides(args, steps: int):
             *args.overrides]
 
 
-def step_timer():
-    """A TrainerCallback that stamps the end of every optimizer step (the same on both sides).
-
-    Built in a function so transformers is imported only when the startup timing is done."""
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.stamps = []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.stamps = [time.perf_counter()]
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.stamps.append(time.perf_counter())
-
-    return StepTimer()
-
-
 def samples_per_second(timer, batch_size: int, warmup: int) -> float:
     stamps = timer.stamps[warmup:]
     if len(stamps) < 2:
@@ -108,7 +89,7 @@ def lorasweep_trainer(cfg, callbacks):
     from lorasweep.data import prepare_data
     from lorasweep.losses import build_loss
     from lorasweep.modeling import apply_lora, base_model_path, build_model, load_tokenizer
-    from lorasweep.training import build_trainer, build_training_arguments
+    from lorasweep.trainer import build_trainer, build_training_arguments
 
     base_path = base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed)
     args = build_training_arguments(cfg.training, cfg.output_dir, cfg.seed, None)
@@ -166,7 +147,9 @@ def handwritten_trainer(cfg, callbacks):
 
 
 def timed_run(build, cfg, batch_size: int, warmup: int) -> dict:
-    timer = step_timer()
+    from step_timer import StepTimer
+
+    timer = StepTimer()
     trainer = build(cfg, [timer])
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter  # the train dataloader is built from it in train()

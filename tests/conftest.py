@@ -34,7 +34,7 @@ def compose_cfg(overrides: Sequence[str] = (), output_dir: str | None = None) ->
     return cfg
 
 
-def cli_env(tmp_path: Path) -> dict:
+def cli_env() -> dict:
     env = dict(os.environ)
     for name in ("HYDRA_FULL_ERROR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                  "MASTER_PORT", "MLFLOW_RUN_ID"):
@@ -45,11 +45,11 @@ def cli_env(tmp_path: Path) -> dict:
     return env
 
 
-def run_cli(args: List[str], tmp_path: Path, launcher: Sequence[str] = (sys.executable,),
-            timeout: int = 600, check: bool = False) -> subprocess.CompletedProcess:
+def run_train(args: List[str], launcher: Sequence[str] = (sys.executable,), timeout: int = 600,
+              check: bool = False) -> subprocess.CompletedProcess:
     """Run `<launcher> src/lorasweep/train.py <args>` from the repo root."""
     cmd = [*launcher, str(TRAIN), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}"
@@ -66,7 +66,7 @@ def assert_reload_reproduces_predictions(run_dir: Path) -> None:
     """The saved adapter + tokenizer + label map, reloaded with PEFT, give the predictions the
     training process wrote for the validation split (reports/predictions_validation.csv)."""
     from lorasweep.inference import predict_probabilities
-    from lorasweep.modeling import load_for_inference
+    from lorasweep.runs import load_for_inference
 
     model, tokenizer, label_map, cfg = load_for_inference(str(run_dir))
     saved = pd.read_csv(run_dir / "reports" / "predictions_validation.csv",
@@ -78,7 +78,7 @@ def assert_reload_reproduces_predictions(run_dir: Path) -> None:
 
 
 def save_tokenized_dataset_dict(path, tokenizer, rows=300, max_token=None):
-    """A tokenized DatasetDict input: a DatasetDict with input_ids / attention_mask and a ClassLabel label."""
+    """A tokenized export: a DatasetDict with input_ids / attention_mask and a ClassLabel label."""
     table = pd.read_parquet(SAMPLE).head(rows)
     names = sorted(set(table["acct_code"]))
     encoded = tokenizer((table["vendor"] + " " + table["description"]).tolist(), truncation=True,

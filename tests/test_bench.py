@@ -13,26 +13,26 @@ from conftest import ROOT, cli_env
 pytestmark = pytest.mark.slow
 
 
-def run_bench(script: str, tmp_path, *args) -> subprocess.CompletedProcess:
+def run_bench(script: str, *args) -> subprocess.CompletedProcess:
     # From the repo root, like the CLI: conf/data's relative data paths resolve against the cwd.
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--tiny", *args],
-                          cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True,
+                          cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}" \
                                  f"\n{proc.stderr[-5000:]}"
     return proc
 
 
-def test_throughput_bench_prints_its_ratios_and_startup_split(tmp_path):
-    out = run_bench("throughput.py", tmp_path).stdout
+def test_throughput_bench_prints_its_ratios_and_startup_split():
+    out = run_bench("throughput.py").stdout
     for needle in ("(a) lorasweep / hand-written HF Trainer", "(b) dynamic+grouped",
                    "padded-token efficiency", "imports", "config", "data (cold cache)",
                    "model load + LoRA"):
         assert needle in out, out
 
 
-def test_quality_bench_prints_every_system(tmp_path):
-    out = run_bench("quality.py", tmp_path).stdout
+def test_quality_bench_prints_every_system():
+    out = run_bench("quality.py").stdout
     table = out[out.index("quality bench"):]
     for row in ("majority class", "TF-IDF + logistic regression", "frozen encoder + linear probe",
                 "lorasweep defaults"):
@@ -41,8 +41,8 @@ def test_quality_bench_prints_every_system(tmp_path):
     assert "lorasweep sweep best" in table and "not run" in table
 
 
-def test_gpu_bench_runs_its_variants_on_cpu(tmp_path):
-    out = run_bench("gpu.py", tmp_path).stdout
+def test_gpu_bench_runs_its_variants_on_cpu():
+    out = run_bench("gpu.py").stdout
     table = out[out.index("gpu bench: tiny"):]
     assert "tokens/s" in table and "MFU" in table, out
     for variant in ("none", "zero2", "zero3"):

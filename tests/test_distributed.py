@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TRAIN, assert_reload_reproduces_predictions, cli_env, run_cli
+from conftest import ROOT, TRAIN, assert_reload_reproduces_predictions, cli_env, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -24,8 +24,8 @@ RUN_FILES = {".hydra", "adapter", "checkpoints", "config.yaml", "dataset_metadat
 def launched_run(launcher, overrides, tmp_path) -> Path:
     """Run 2 ranks with a timestamped run dir pattern; return the one dir they agreed on."""
     pattern = tmp_path / "runs" / "run_${now:%H-%M-%S_%f}"
-    proc = run_cli(["model=tiny_bert", "training=smoke", "tracking=none", *overrides,
-                    f"hydra.run.dir={pattern}"], tmp_path, launcher=launcher, check=True)
+    proc = run_train(["model=tiny_bert", "training=smoke", "tracking=none", *overrides,
+                      f"hydra.run.dir={pattern}"], launcher=launcher, check=True)
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1, f"ranks wrote {len(runs)} run dirs: {runs}\n{proc.stdout[-2000:]}"
     return runs[0]
@@ -87,7 +87,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
             "deepspeed=zero2", "training.max_steps=120", "training.save_strategy=steps",
             "training.save_steps=10", "training.save_total_limit=2", f"hydra.run.dir={run}"]
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(tmp_path), stdout=log,
+    proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         first_checkpoint(run, proc)
@@ -98,7 +98,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     saved = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*")
                 if (p / "trainer_state.json").is_file())
 
-    second = subprocess.run(args, cwd=ROOT, env=cli_env(tmp_path), capture_output=True,
+    second = subprocess.run(args, cwd=ROOT, env=cli_env(), capture_output=True,
                             text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, SMOKE, TRAIN, cli_env, run_cli
+from conftest import ROOT, SMOKE, TRAIN, cli_env, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def test_a_signal_mid_training_ends_the_run_killed_and_a_rerun_resumes(signum, c
             "training.max_steps=80", "training.save_strategy=steps", "training.save_steps=5",
             f"hydra.run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}"]
     # A job started in the background inherits SIGINT ignored; Python then adds no Ctrl-C handler.
-    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, env=cli_env(tmp_path),
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_sigint)
     try:
@@ -65,7 +65,7 @@ def test_a_signal_mid_training_ends_the_run_killed_and_a_rerun_resumes(signum, c
     if signum != signal.SIGTERM:
         return  # resuming does not depend on which signal stopped the run
 
-    again = run_cli(args, tmp_path, check=True)
+    again = run_train(args, check=True)
     assert "resuming from" in again.stdout + again.stderr
     assert json.loads((run / "metrics.json").read_text())["resumed_from_step"] >= 5
     statuses = sorted(r.info.status for r in runs_in(uri, "faults"))
@@ -78,7 +78,7 @@ def test_two_runs_on_one_fresh_sqlite_store_are_both_recorded(tmp_path):
         [sys.executable, str(TRAIN), *SMOKE[:2], f"tracking.uri={uri}",
          "tracking.experiment_name=together", f"hydra.run.dir={tmp_path / f'run{i}'}",
          f"data.cache_dir={tmp_path / f'cache{i}'}"],
-        cwd=ROOT, env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True) for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, SMOKE, cli_env, run_cli
+from conftest import ROOT, SMOKE, cli_env, run_train
 
 PREDICT = ROOT / "src" / "lorasweep" / "predict.py"
 EXPORT = ROOT / "src" / "lorasweep" / "export.py"
@@ -20,7 +20,7 @@ ATOL = 1e-6  # fp32 noise from padding a row in a batch versus running it alone
 
 
 def run_tool(script: Path, args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=cli_env(cwd),
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=cli_env(),
                           capture_output=True, text=True, timeout=600)
 
 
@@ -34,8 +34,9 @@ def trained_run(tmp_path_factory) -> Path:
     run = tmp / "run"
     # An absolute cache dir: predict/export rebuild the random base model from it, from any cwd.
     # A high learning rate moves the head off its near-uniform init, so rows get distinct scores.
-    run_cli([*SMOKE, "training.learning_rate=0.05", "training.max_steps=12",
-             f"hydra.run.dir={run}", f"data.cache_dir={tmp / 'cache'}"], tmp, check=True)
+    run_train([*SMOKE, "model.head_init=random", "training.learning_rate=0.05",
+               "training.max_steps=12",
+               f"hydra.run.dir={run}", f"data.cache_dir={tmp / 'cache'}"], check=True)
     return run
 
 
@@ -54,8 +55,7 @@ def single_row_probabilities(trained_run, varied_input) -> np.ndarray:
     """Each row predicted alone (batch of one, no padding), through the training serializer."""
     from lorasweep.data import serialize_batch
     from lorasweep.inference import predict_probabilities
-    from lorasweep.modeling import load_for_inference
-    from lorasweep.predict import run_serialization
+    from lorasweep.runs import load_for_inference, run_serialization
 
     model, tokenizer, _, cfg = load_for_inference(str(trained_run))
     settings = run_serialization(str(trained_run), cfg)
@@ -118,11 +118,10 @@ def test_export_predicts_like_the_adapter_model(trained_run, varied_input, tmp_p
 
     from lorasweep.data import serialize_batch
     from lorasweep.inference import predict_probabilities
-    from lorasweep.modeling import load_for_inference
-    from lorasweep.predict import run_serialization
+    from lorasweep.runs import load_for_inference, run_serialization
 
     out = tmp_path / "exported"
-    proc = run_tool(EXPORT, [f"run_dir={trained_run}", f"output={out}"], tmp_path)
+    proc = run_tool(EXPORT, [f"run_dir={trained_run}", f"output={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (out / "adapter_config.json").exists()
     plain = AutoModelForSequenceClassification.from_pretrained(out)
@@ -135,7 +134,7 @@ def test_export_predicts_like_the_adapter_model(trained_run, varied_input, tmp_p
                                 cfg.data.max_length)
     np.testing.assert_allclose(got, expected, atol=ATOL)
 
-    again = run_tool(EXPORT, [f"run_dir={trained_run}", f"output={out}"], tmp_path)
+    again = run_tool(EXPORT, [f"run_dir={trained_run}", f"output={out}"])
     assert again.returncode == 2 and len(error_lines(again)) == 1, again.stderr[-3000:]
     assert "not an empty directory" in error_lines(again)[0]
 
@@ -193,7 +192,7 @@ def test_a_run_killed_before_saving_is_refused_in_one_line(trained_run, tmp_path
     pd.read_parquet(LEDGER).head(5).to_csv(source, index=False)
     for script, args in ((PREDICT, [f"input={source}", f"output={tmp_path / 'p.csv'}"]),
                          (EXPORT, [f"output={tmp_path / 'exported'}"])):
-        proc = run_tool(script, [f"run_dir={unfinished}", *args], tmp_path)
+        proc = run_tool(script, [f"run_dir={unfinished}", *args])
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert error_lines(proc) == [f"lorasweep: error: run_dir={unfinished}: not a finished "
                                      f"run: no adapter/ or model/ in {unfinished}"]
@@ -206,7 +205,7 @@ def test_predict_max_length_past_the_model_is_one_line(trained_run, tmp_path):
     source, out = tmp_path / "rows.csv", tmp_path / "p.csv"
     pd.read_parquet(LEDGER).head(5).to_csv(source, index=False)
     proc = run_tool(PREDICT, [f"run_dir={trained_run}", f"input={source}", f"output={out}",
-                              "max_length=100000"], tmp_path)
+                              "max_length=100000"])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "max_length=100000: the model takes at most 512 tokens" in error_lines(proc)[0]
     assert not out.exists()
@@ -223,15 +222,15 @@ def test_a_failing_rerun_into_a_finished_run_leaves_it_unchanged(trained_run, tm
     source = tmp_path / "rows.parquet"
     pd.read_parquet(LEDGER).head(20).to_parquet(source, index=False)
     first = run_tool(PREDICT, [f"run_dir={run}", f"input={source}",
-                               f"output={tmp_path / 'first.parquet'}"], tmp_path)
+                               f"output={tmp_path / 'first.parquet'}"])
     assert first.returncode == 0, first.stderr[-3000:]
-    rerun = run_cli([*SMOKE, "lora.target_modules=[nonexistent_module]",
+    rerun = run_train([*SMOKE, "lora.target_modules=[nonexistent_module]",
                      "data.text_columns=[vendor]", f"hydra.run.dir={run}",
-                     f"data.cache_dir={tmp_path / 'cache'}"], tmp_path)
+                     f"data.cache_dir={tmp_path / 'cache'}"])
     assert rerun.returncode == 2 and "lora.target_modules" in rerun.stderr, rerun.stderr[-3000:]
     assert {n: (run / n).read_bytes() for n in before} == before
     second = run_tool(PREDICT, [f"run_dir={run}", f"input={source}",
-                                f"output={tmp_path / 'second.parquet'}"], tmp_path)
+                                f"output={tmp_path / 'second.parquet'}"])
     assert second.returncode == 0, second.stderr[-3000:]
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "first.parquet"),
                                   pd.read_parquet(tmp_path / "second.parquet"))

@@ -13,7 +13,7 @@ from transformers import TrainingArguments
 from conftest import compose_cfg
 from lorasweep.redaction import (MASK, is_secret_key, mask_override, mask_yaml_file,
                                  masked_container)
-from lorasweep.training import PicklableWithoutSecrets
+from lorasweep.trainer import PicklableWithoutSecrets
 
 
 @pytest.mark.parametrize("key", ["hub_token", "training.extra.hub_token", "token", "HF_TOKEN",

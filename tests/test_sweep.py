@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import CONF, run_cli
+from conftest import CONF, run_train
 from lorasweep.distributed import free_port
 from lorasweep.errors import ConfigError
 from lorasweep.launcher import launcher_command, place_trial, trials_at_once
@@ -26,9 +26,9 @@ SPACE = "hparams_search=optuna_f1"
 
 def sweep(tmp_path, name, *extra, check=True):
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli(["-m", SPACE, "model=tiny_bert", "training=smoke", f"tracking.uri={db}",
-                    f"tracking.experiment_name={name}", f"hydra.sweep.dir={tmp_path / name}",
-                    *extra], tmp_path, timeout=900, check=check)
+    proc = run_train(["-m", SPACE, "model=tiny_bert", "training=smoke", f"tracking.uri={db}",
+                      f"tracking.experiment_name={name}", f"hydra.sweep.dir={tmp_path / name}",
+                      *extra], timeout=900, check=check)
     return proc, db
 
 
@@ -163,9 +163,9 @@ def test_redis_study_continues_when_the_sweep_is_rerun(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_inside_the_deepspeed_launcher_is_refused(tmp_path):
-    proc = run_cli(["-m", SPACE, "model=tiny_bert"], tmp_path,
-                   launcher=("deepspeed", "--num_gpus", "1"))
+def test_sweep_inside_the_deepspeed_launcher_is_refused():
+    proc = run_train(["-m", SPACE, "model=tiny_bert"],
+                     launcher=("deepspeed", "--num_gpus", "1"))
     assert proc.returncode != 0
     assert "cannot run inside the deepspeed/torchrun launcher" in proc.stderr + proc.stdout
 
@@ -185,7 +185,7 @@ def synthetic_trials(n, seed=0):
         overrides = [f"training.learning_rate={lr}", f"lora.r={rng.choice([8, 16, 32])}",
                      f"training.num_train_epochs={rng.choice([3, 5])}",
                      f"model.head_init={rng.choice(['probe', 'random'])}",
-                     f"lora={rng.choice(['default', 'all_linear'])}",
+                     f"lora={rng.choice(['default', 'attention'])}",
                      f"lora.alpha={rng.choice([16, 32])}",
                      f"lora.dropout={rng.uniform(0, 0.2)}", "loss=ce",
                      f"loss.alpha={rng.uniform(0.2, 1)}",

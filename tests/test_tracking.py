@@ -1,7 +1,6 @@
 """MLflow against a real `mlflow server` on loopback: one run per training (1 process or 2 ranks),
 status FINISHED/FAILED, params/metrics/artifacts; an unreachable server; masked secrets."""
 
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import assert_reload_reproduces_predictions, compose_cfg, run_cli
+from conftest import assert_reload_reproduces_predictions, compose_cfg, run_train
+from lorasweep.distributed import free_port
 from lorasweep.tracking import MASK, flatten_params
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +54,9 @@ def artifact_names(client, run_id, path=None):
 
 
 def test_one_process_run_is_logged_once_and_finished(mlflow_server, tmp_path):
-    run_cli(["model=tiny_bert", "training=smoke", f"tracking.uri={mlflow_server}",
-             "tracking.experiment_name=one_proc", f"hydra.run.dir={tmp_path / 'run'}",
-             "+training.extra.hub_token=hf_secret_value"], tmp_path, check=True)
+    run_train(["model=tiny_bert", "training=smoke", f"tracking.uri={mlflow_server}",
+               "tracking.experiment_name=one_proc", f"hydra.run.dir={tmp_path / 'run'}",
+               "+training.extra.hub_token=hf_secret_value"], check=True)
     runs, client = runs_of(mlflow_server, "one_proc")
     assert len(runs) == 1
     run = runs[0]
@@ -80,10 +74,10 @@ def test_one_process_run_is_logged_once_and_finished(mlflow_server, tmp_path):
 
 
 def test_two_rank_deepspeed_run_is_logged_once(mlflow_server, tmp_path):
-    run_cli(["model=tiny_bert", "training=smoke", "deepspeed=zero2",
-             f"tracking.uri={mlflow_server}", "tracking.experiment_name=two_ranks",
-             f"hydra.run.dir={tmp_path / 'run'}"], tmp_path,
-            launcher=("deepspeed", "--num_gpus", "2"), check=True)
+    run_train(["model=tiny_bert", "training=smoke", "deepspeed=zero2",
+               f"tracking.uri={mlflow_server}", "tracking.experiment_name=two_ranks",
+               f"hydra.run.dir={tmp_path / 'run'}"],
+              launcher=("deepspeed", "--num_gpus", "2"), check=True)
     runs, _ = runs_of(mlflow_server, "two_ranks")
     assert len(runs) == 1
     assert runs[0].info.status == "FINISHED"
@@ -92,9 +86,9 @@ def test_two_rank_deepspeed_run_is_logged_once(mlflow_server, tmp_path):
 
 
 def test_a_run_that_raises_ends_failed(mlflow_server, tmp_path):
-    proc = run_cli(["model=tiny_bert", "training=smoke", f"tracking.uri={mlflow_server}",
-                    "tracking.experiment_name=failing", f"hydra.run.dir={tmp_path / 'run'}",
-                    "+training.extra.no_such_argument=1"], tmp_path)
+    proc = run_train(["model=tiny_bert", "training=smoke", f"tracking.uri={mlflow_server}",
+                      "tracking.experiment_name=failing", f"hydra.run.dir={tmp_path / 'run'}",
+                      "+training.extra.no_such_argument=1"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     runs, _ = runs_of(mlflow_server, "failing")
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
@@ -102,12 +96,12 @@ def test_a_run_that_raises_ends_failed(mlflow_server, tmp_path):
 
 def test_unreachable_server_warns_or_fails_before_training(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
-    proc = run_cli(["model=tiny_bert", "training=smoke", f"tracking.uri={uri}",
-                    f"hydra.run.dir={tmp_path / 'a'}"], tmp_path, check=True)
+    proc = run_train(["model=tiny_bert", "training=smoke", f"tracking.uri={uri}",
+                      f"hydra.run.dir={tmp_path / 'a'}"], check=True)
     assert "unreachable" in proc.stdout + proc.stderr and (tmp_path / "a" / "metrics.json").is_file()
     assert "WARNING: nothing was logged to MLflow" in proc.stdout  # again at the end, not only first
-    proc = run_cli(["model=tiny_bert", "training=smoke", f"tracking.uri={uri}",
-                    "tracking.required=true", f"hydra.run.dir={tmp_path / 'b'}"], tmp_path)
+    proc = run_train(["model=tiny_bert", "training=smoke", f"tracking.uri={uri}",
+                      "tracking.required=true", f"hydra.run.dir={tmp_path / 'b'}"])
     assert proc.returncode == 2
     assert f"tracking.uri={uri}: MLflow server unreachable" in proc.stderr
     assert not (tmp_path / "b" / "label_map.json").exists()  # stopped before any data work
@@ -144,10 +138,10 @@ def test_a_secret_is_nowhere_in_the_run_dir_or_mlflow(mlflow_server, tmp_path, m
     value = secret if given == "inline" else "${oc.env:LS_TEST_HUB_TOKEN}"
     monkeypatch.setenv("LS_TEST_HUB_TOKEN", secret)  # the CLI's environment is this one's
     run_dir, experiment = tmp_path / "run", f"secret_{given}"
-    run_cli(["model=tiny_bert", "training=smoke", f"tracking.uri={mlflow_server}",
-             f"tracking.experiment_name={experiment}", f"hydra.run.dir={run_dir}",
-             f"+training.extra.hub_token={value}", "training.save_strategy=steps",
-             "training.save_steps=3"], tmp_path, check=True)
+    run_train(["model=tiny_bert", "training=smoke", f"tracking.uri={mlflow_server}",
+               f"tracking.experiment_name={experiment}", f"hydra.run.dir={run_dir}",
+               f"+training.extra.hub_token={value}", "training.save_strategy=steps",
+               "training.save_steps=3"], check=True)
     assert list(run_dir.glob("checkpoints/checkpoint-*/training_args.bin"))
     assert (run_dir / "adapter" / "training_args.bin").is_file()
     assert files_holding(run_dir, secret.encode()) == []

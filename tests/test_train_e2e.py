@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import (SAMPLE, SMOKE, assert_reload_reproduces_predictions, compose_cfg, run_cli,
+from conftest import (SAMPLE, SMOKE, assert_reload_reproduces_predictions, compose_cfg, run_train,
                       save_tokenized_dataset_dict)
 from lorasweep import outputs
 
@@ -18,8 +18,8 @@ METRIC_KEYS = ["eval_accuracy", "eval_f1_macro", "eval_f1_weighted", "eval_preci
 @pytest.mark.parametrize("model", ["tiny_bert", "tiny_qwen2"])
 def test_smoke_run_writes_outputs_and_the_adapter_reloads(model, tmp_path):
     run = tmp_path / "run"
-    run_cli([f"model={model}", "training=smoke", "tracking=none", f"hydra.run.dir={run}",
-             f"data.cache_dir={tmp_path / 'cache'}"], tmp_path, check=True)
+    run_train([f"model={model}", "training=smoke", "tracking=none", f"hydra.run.dir={run}",
+               f"data.cache_dir={tmp_path / 'cache'}"], check=True)
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json",
                  "tokenizer/tokenizer.json", "label_map.json", "metrics.json",
                  "model_metadata.json", "dataset_metadata.json", "config.yaml",
@@ -55,8 +55,8 @@ def test_a_users_csv_trains_end_to_end(tmp_path):
     csv = tmp_path / "ledger.csv"
     table.to_csv(csv, index=False)
     run = tmp_path / "run"
-    run_cli([*SMOKE, "data=files", f"data.train_path={csv}", "data.label_column=account",
-             f"hydra.run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path, check=True)
+    run_train([*SMOKE, "data=files", f"data.train_path={csv}", "data.label_column=account",
+               f"hydra.run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}"], check=True)
     label_map = json.loads((run / "label_map.json").read_text())
     assert label_map["num_labels"] == 26 and label_map["id2label"]["0"] == "14100"
     meta = json.loads((run / "dataset_metadata.json").read_text())
@@ -69,15 +69,15 @@ def test_a_users_csv_trains_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_a_tokenized_dataset_dict_trains_end_to_end(tmp_path):
-    """A tokenized DatasetDict input: `data=hf_disk` on a tokenized DatasetDict with a ClassLabel column."""
+    """A tokenized export: `data=hf_disk` on a tokenized DatasetDict with a ClassLabel column."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(compose_cfg(SMOKE).model.tokenizer_name_or_path)
     _, names = save_tokenized_dataset_dict(tmp_path / "dd", tokenizer, rows=600)
     run = tmp_path / "run"
-    run_cli([*SMOKE, "data=hf_disk", f"data.train_path={tmp_path / 'dd'}",
-             "data.label_column=label", f"hydra.run.dir={run}",
-             f"data.cache_dir={tmp_path / 'cache'}"], tmp_path, check=True)
+    run_train([*SMOKE, "data=hf_disk", f"data.train_path={tmp_path / 'dd'}",
+               "data.label_column=label", f"hydra.run.dir={run}",
+               f"data.cache_dir={tmp_path / 'cache'}"], check=True)
     label_map = json.loads((run / "label_map.json").read_text())
     assert [label_map["id2label"][str(i)] for i in range(len(names))] == names
     meta = json.loads((run / "dataset_metadata.json").read_text())

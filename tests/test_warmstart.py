@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import SMOKE, assert_reload_reproduces_predictions, run_cli
+from conftest import SMOKE, assert_reload_reproduces_predictions, run_train
 from lorasweep.warmstart import fit_probe, head_digest, head_inputs, head_layer
 
 SPLIT_METRICS = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro")
@@ -95,8 +95,8 @@ def saved_head_digest(run):
 @pytest.mark.slow
 def test_without_training_the_model_predicts_what_the_probe_predicts(tmp_path):
     run = tmp_path / "run"
-    proc = run_cli([*SMOKE, *NO_TRAINING, f"hydra.run.dir={run}",
-                    f"data.cache_dir={tmp_path / 'cache'}"], tmp_path, check=True)
+    proc = run_train([*SMOKE, *NO_TRAINING, f"hydra.run.dir={run}",
+                      f"data.cache_dir={tmp_path / 'cache'}"], check=True)
     metrics = metrics_of(run)
     for split in ("eval", "test"):
         for name in SPLIT_METRICS:
@@ -117,10 +117,10 @@ def test_every_zero3_rank_starts_from_the_same_probe_head(tmp_path):
     agree, the saved adapter holds it, and evaluation sharded over both ranks scores exactly
     what the probe scored."""
     run = tmp_path / "run"
-    proc = run_cli(["model=tiny_bert", "training=smoke", "tracking=none", "deepspeed=zero3",
-                    *NO_TRAINING, "log_all_ranks=true", "baseline=none", f"hydra.run.dir={run}",
-                    f"data.cache_dir={tmp_path / 'cache'}"], tmp_path,
-                   launcher=("deepspeed", "--num_gpus", "2"), check=True)
+    proc = run_train(["model=tiny_bert", "training=smoke", "tracking=none", "deepspeed=zero3",
+                      *NO_TRAINING, "log_all_ranks=true", "baseline=none", f"hydra.run.dir={run}",
+                      f"data.cache_dir={tmp_path / 'cache'}"],
+                     launcher=("deepspeed", "--num_gpus", "2"), check=True)
     digests = logged_head_digests(proc.stdout + proc.stderr)
     assert len(digests) == 2 and len(set(digests)) == 1, digests
     assert saved_head_digest(run) == digests[0]
@@ -143,14 +143,14 @@ def test_the_run_ends_with_its_best_epoch_not_its_last(tmp_path):
     csv = tmp_path / "small.csv"
     pd.read_parquet(SAMPLE).sample(600, random_state=0).to_csv(csv, index=False)
     run = tmp_path / "run"
-    run_cli([*SMOKE, "data=files", f"data.train_path={csv}", "data.label_column=acct_code",
-             "training.max_steps=-1", "training.num_train_epochs=3",
-             "training.eval_strategy=epoch", "training.save_strategy=epoch",
-             "training.load_best_model_at_end=true", "training.learning_rate=0.1",
-             "training.lr_scheduler_type=constant", "training.per_device_train_batch_size=16",
-             "model.head_init=random", "objective.metric=eval_loss", "baseline=none",
-             f"hydra.run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}"], tmp_path,
-            check=True)
+    run_train([*SMOKE, "data=files", f"data.train_path={csv}", "data.label_column=acct_code",
+               "training.max_steps=-1", "training.num_train_epochs=3",
+               "training.eval_strategy=epoch", "training.save_strategy=epoch",
+               "training.load_best_model_at_end=true", "training.learning_rate=0.1",
+               "training.lr_scheduler_type=constant", "training.per_device_train_batch_size=16",
+               "model.head_init=random", "objective.metric=eval_loss", "baseline=none",
+               f"hydra.run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}"],
+              check=True)
     metrics = metrics_of(run)
     last = max((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
     history = json.loads((last / "trainer_state.json").read_text())["log_history"]

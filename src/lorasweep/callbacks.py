@@ -1,7 +1,7 @@
 """Speed and memory figures added to the Trainer's logs every `logging_steps`.
 
 speed/tokens_per_sec counts non-pad tokens on all ranks: the Trainer gathers them when
-`include_num_input_tokens_seen="non_padding"` (set in `training.build_training_arguments`).
+`include_num_input_tokens_seen="non_padding"` (set in `trainer.build_training_arguments`).
 """
 
 from __future__ import annotations

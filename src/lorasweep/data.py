@@ -102,7 +102,7 @@ def read_table(path: str, key: str, allow_pickle: bool = False) -> datasets.Data
     except DataError:
         raise
     except Exception as exc:  # datasets wraps parser errors in many types
-        reason = " ".join(str(exc).split())[:300]
+        reason = one_line(exc)[:300]
         raise DataError(f"{key}={path}: cannot read as {READERS[ext]} ({reason})") from None
     if len(table) == 0:
         raise DataError(f"{key}={path}: the file has no rows")

@@ -24,6 +24,7 @@ import hydra  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import MISSING, DictConfig  # noqa: E402
 
+from lorasweep import runs  # noqa: E402
 from lorasweep.config import CONF_DIR  # noqa: E402
 from lorasweep.errors import ConfigError, exit_2_on_user_error, run_cli  # noqa: E402
 
@@ -58,17 +59,15 @@ def merged_model(model):
 def export_run(cfg) -> Dict[str, Any]:
     """Write the merged model, tokenizer and serializer settings to `cfg.output`; a summary."""
     from lorasweep import outputs
-    from lorasweep.modeling import load_for_inference
-    from lorasweep.predict import run_serialization
 
     run_dir, output = cfg.run_dir, cfg.output
     check_output_dir(output)
-    outputs.check_finished_run(run_dir)
-    model, tokenizer, label_map, cfg = load_for_inference(run_dir)
+    runs.check_run_dir(run_dir)
+    model, tokenizer, label_map, cfg = runs.load_for_inference(run_dir)
     model = merged_model(model)
     model.config.id2label = label_map.id2label
     model.config.label2id = label_map.label2id
-    serialization = {**run_serialization(run_dir, cfg), "max_length": cfg.data.max_length,
+    serialization = {**runs.run_serialization(run_dir, cfg), "max_length": cfg.data.max_length,
                      "label_column": cfg.data.label_column}
     # Build in a sibling temp dir and rename: a crash never leaves a half-written export.
     tmp = f"{os.path.abspath(output).rstrip(os.sep)}.tmp-{os.getpid()}"

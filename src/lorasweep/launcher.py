@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from lorasweep import outputs
+from lorasweep.distributed import free_port
 from lorasweep.errors import ConfigError
 from lorasweep.redaction import mask_overrides
 
@@ -112,7 +113,7 @@ def launcher_command(launcher: str, nproc: int, overrides: Sequence[str], run_di
     args = [a for a in overrides if not a.startswith(("hydra.run.dir=", "hydra.mode=",
                                                       "distributed.nproc_per_node="))]
     args += [f"hydra.run.dir={run_dir}", "hydra.mode=RUN", "distributed.nproc_per_node=1"]
-    port = ["--master_port", str(_free_port())]
+    port = ["--master_port", str(free_port())]
     if launcher == "torchrun":  # honours CUDA_VISIBLE_DEVICES (set by run_launched)
         head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     elif gpus:
@@ -121,12 +122,6 @@ def launcher_command(launcher: str, nproc: int, overrides: Sequence[str], run_di
     else:
         head = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
     return [*head, *port, TRAIN_SCRIPT, *args]
-
-
-def _free_port() -> int:
-    from lorasweep.distributed import free_port
-
-    return free_port()
 
 
 def run_launched(launcher: str, nproc: int, overrides: Sequence[str], run_dir: str,

@@ -12,14 +12,16 @@ from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassificat
                           AutoTokenizer)
 
 from lorasweep import distributed
+from lorasweep.config import CHOICES
 from lorasweep.console import quiet_loading
 from lorasweep.data import LabelMap
-from lorasweep.errors import ConfigError
+from lorasweep.errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
 HEAD_NAMES = ("classifier", "score")  # what *ForSequenceClassification models call the head
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# model.dtype names torch dtypes by their attribute names (torch.bfloat16, ...).
+DTYPES = {name: getattr(torch, name) for name in CHOICES["model.dtype"]}
 
 
 def load_tokenizer(model_cfg):
@@ -30,7 +32,7 @@ def load_tokenizer(model_cfg):
                                                   trust_remote_code=model_cfg.trust_remote_code)
     except OSError as exc:
         raise ConfigError(f"model: cannot load a tokenizer from {source!r} "
-                          f"({' '.join(str(exc).split())[:200]})") from None
+                          f"({one_line(exc)[:200]})") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ConfigError(f"model: tokenizer {source!r} has neither a pad nor an eos token")
@@ -84,7 +86,7 @@ def build_model(model_cfg, label_map: LabelMap, tokenizer, base_path: str):
                 **_label_kwargs(model_cfg, label_map, tokenizer))
     except OSError as exc:
         raise ConfigError(f"model.name_or_path={base_path!r}: cannot load "
-                          f"({' '.join(str(exc).split())[:200]})") from None
+                          f"({one_line(exc)[:200]})") from None
     report_new_weights(info, len(label_map.labels))
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -153,26 +155,3 @@ def count_parameters(model) -> dict:
         trainable += n if param.requires_grad else 0
     return {"trainable": trainable, "total": total}
 
-
-def load_for_inference(run_dir: str):
-    """Rebuild a trained model from its run dir: base + adapter (or the full model), tokenizer."""
-    from lorasweep import outputs
-
-    cfg = outputs.load_run_config(run_dir)
-    meta = outputs.read_json(run_dir, outputs.MODEL_METADATA)
-    label_map = LabelMap.from_json(outputs.read_json(run_dir, outputs.LABEL_MAP))
-    tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, outputs.TOKENIZER_DIR))
-    adapter_dir = os.path.join(run_dir, outputs.ADAPTER_DIR)
-    if os.path.isdir(adapter_dir):
-        from peft import PeftModel
-
-        base_path = base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed)
-        if not os.path.isdir(base_path) and cfg.model.arch is None:
-            base_path = meta.get("base_model", base_path)
-        base = build_model(cfg.model, label_map, tokenizer, base_path)
-        model = PeftModel.from_pretrained(base, adapter_dir)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            os.path.join(run_dir, outputs.FULL_MODEL_DIR))
-    model.eval()
-    return model, tokenizer, label_map, cfg

@@ -1,4 +1,4 @@
-"""The layout of a run dir, and the few helpers that read and write it.
+"""The layout of a run dir and its file helpers; runs.py reads a finished run back from it.
 
     <run_dir>/adapter/  (or model/ with lora=none)   tokenizer/   label_map.json
              model_metadata.json  dataset_metadata.json  metrics.json  config.yaml  .hydra/
@@ -42,18 +42,6 @@ def read_json(run_dir: str, name: str) -> Any:
         return json.load(fh)
 
 
-def check_finished_run(run_dir: str) -> None:
-    """A run killed mid-training has its checkpoints but no saved model: nothing to load."""
-    from lorasweep.errors import UserError
-
-    if not os.path.isdir(run_dir):
-        raise UserError(f"run_dir={run_dir}: not a directory")
-    if not any(os.path.isdir(os.path.join(run_dir, name))
-               for name in (ADAPTER_DIR, FULL_MODEL_DIR)):
-        raise UserError(f"run_dir={run_dir}: not a finished run: no {ADAPTER_DIR}/ or "
-                        f"{FULL_MODEL_DIR}/ in {run_dir}")
-
-
 def save_run_config(run_dir: str, cfg: DictConfig) -> str:
     """The resolved config, which predict/export use to rebuild the model and the serializer.
     Secrets are masked; one given as `${oc.env:VAR}` stays that interpolation (redaction.py)."""
@@ -61,13 +49,3 @@ def save_run_config(run_dir: str, cfg: DictConfig) -> str:
     OmegaConf.save(OmegaConf.create(masked_container(cfg, cfg.tracking.secret_keys)), path)
     return path
 
-
-def load_run_config(run_dir: str) -> DictConfig:
-    path = os.path.join(run_dir, RUN_CONFIG)
-    if not os.path.isfile(path):
-        from lorasweep.errors import UserError
-
-        raise UserError(f"run_dir={run_dir}: no {RUN_CONFIG}; is this a finished lorasweep run?")
-    from lorasweep.config import TrainConfig
-
-    return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))

@@ -35,8 +35,8 @@ from lorasweep.preflight import check_run_config
 from lorasweep.redaction import mask_overrides
 from lorasweep.tracking import (Tracker, TrackingCallback, flatten_params, git_commit,
                                 resolve_uri, start_tracker)
-from lorasweep.training import (best_epoch, build_trainer, build_training_arguments,
-                                evaluate_split, find_resume_checkpoint, save_model)
+from lorasweep.trainer import (best_epoch, build_trainer, build_training_arguments,
+                               evaluate_split, find_resume_checkpoint, save_model)
 from lorasweep.warmstart import warm_start_head
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def run_summary(metrics: Dict[str, Any], cfg: DictConfig, tracker: Tracker) -> s
     if tracker.problem:
         lines.append(f"  WARNING: nothing was logged to MLflow: {tracker.problem}")
     if tracker.run_id:
-        uri = tracker_uri(cfg)
+        uri = resolve_uri(cfg.tracking)
         lines.append(f"  MLflow run {tracker.run_id} in {uri}")
         if uri.startswith("sqlite:"):
             lines.append(f"  view it: mlflow ui --backend-store-uri {uri}")
@@ -118,10 +118,6 @@ def baseline_verdict(metrics: Dict[str, Any], objective: str) -> Optional[str]:
         return (f"WARNING: the model's {objective} {ours:.4f} is below the TF-IDF + logistic "
                 f"regression baseline's {theirs:.4f} (by {abs(theirs - ours):.4f})")
     return None
-
-
-def tracker_uri(cfg: DictConfig) -> str:
-    return resolve_uri(cfg.tracking)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import hydra  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from omegaconf import MISSING, DictConfig  # noqa: E402
 
+from lorasweep import runs  # noqa: E402
 from lorasweep.config import CONF_DIR  # noqa: E402
 from lorasweep.errors import ConfigError, DataError, exit_2_on_user_error, run_cli  # noqa: E402
 
@@ -32,10 +33,10 @@ class PredictConfig:
     run_dir: str = MISSING
     input: str = MISSING
     output: str = MISSING
-    top_k: int = 3
-    batch_size: int = 64
+    top_k: int = 3  # top1_label/top1_score ... topK_label/topK_score columns
+    batch_size: int = 64  # rows per forward pass (batched by token length, output in input order)
     max_length: Optional[int] = None  # None: the run's data.max_length
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    device: str = "auto"  # auto: cuda when available; or cpu, cuda
     progress: bool = True
 
 
@@ -51,24 +52,7 @@ def validate_request(cfg) -> None:
     for key in ("top_k", "batch_size"):
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]}: expected a positive integer")
-    from lorasweep.outputs import check_finished_run
-
-    check_finished_run(cfg.run_dir)
-
-
-def run_serialization(run_dir: str, cfg: DictConfig) -> Dict[str, Any]:
-    """The exact serializer settings the run trained with (text columns resolved)."""
-    from lorasweep import outputs
-    from lorasweep.data import serialization_settings
-
-    meta_path = os.path.join(run_dir, outputs.DATASET_METADATA)
-    if os.path.isfile(meta_path):
-        settings = outputs.read_json(run_dir, outputs.DATASET_METADATA).get("serialization")
-        if settings:
-            return settings
-    if not cfg.data.text_columns:  # "every column but the label" needs the training table
-        raise DataError(f"run_dir={run_dir}: no {outputs.DATASET_METADATA} with the text columns")
-    return serialization_settings(cfg.data, cfg.data.text_columns)
+    runs.check_run_dir(cfg.run_dir)
 
 
 def check_input_columns(columns: List[str], settings: Dict[str, Any], path: str) -> None:
@@ -164,21 +148,19 @@ def pick_device(name: str):
 
 def predict_file(cfg) -> Dict[str, Any]:
     """Read `cfg.input`, predict with the run in `cfg.run_dir`, write `cfg.output`; a summary."""
-    from lorasweep import outputs
     from lorasweep.data import read_table
-    from lorasweep.modeling import load_for_inference
 
     validate_request(cfg)
     from lorasweep.preflight import check_max_length
 
     table = read_table(cfg.input, "input")
     # Check the columns and max_length before the (slow) model load.
-    run_cfg = outputs.load_run_config(cfg.run_dir)
-    settings = run_serialization(cfg.run_dir, run_cfg)
+    run_cfg = runs.load_run_config(cfg.run_dir)
+    settings = runs.run_serialization(cfg.run_dir, run_cfg)
     check_input_columns(table.column_names, settings, cfg.input)
     if cfg.max_length is not None:
         check_max_length(cfg.max_length, run_cfg.model, "max_length")
-    model, tokenizer, label_map, run_cfg = load_for_inference(cfg.run_dir)
+    model, tokenizer, label_map, run_cfg = runs.load_for_inference(cfg.run_dir)
     model.to(pick_device(cfg.device))
     max_length = cfg.max_length or run_cfg.data.max_length
     frame = predict_table(model, tokenizer, label_map.labels, settings, table, max_length,

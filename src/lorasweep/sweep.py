@@ -2,7 +2,7 @@
 per job, and at the end a trials table (printed, CSV) and plots (optimization history, parameter
 importance) next to Hydra's optimization_results.yaml.
 
-Trials log their own nested MLflow child runs (tracking.py reads LORASWEEP_PARENT_RUN_ID). The
+Trials log their own nested MLflow child runs (tracking.py reads PARENT_ENV). The
 per-trial record is a file in the trial's dir, so it also works when trials run in other
 processes (hydra/launcher=joblib).
 """

@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from lorasweep import distributed
 from lorasweep.errors import ConfigError
 from lorasweep.redaction import MASK, masked_container  # noqa: F401  (MASK: what params show)
+from lorasweep.sweep import PARENT_ENV
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class MlflowTracker(Tracker):
         mlflow.set_tracking_uri(uri)
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment_name
         existing = os.environ.get("MLFLOW_RUN_ID")  # attach to a run made elsewhere (a sweep)
-        nested = os.environ.get("LORASWEEP_PARENT_RUN_ID")
+        nested = os.environ.get(PARENT_ENV)  # a sweep's parent run: nest under it
         with store_lock(uri):
             mlflow.set_experiment(experiment)
             self.run = mlflow.start_run(run_id=existing or None, run_name=run_name,

@@ -19,7 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from lorasweep import distributed, outputs
 from lorasweep.callbacks import SpeedMemoryCallback
 from lorasweep.console import use_readable_logs
-from lorasweep.errors import ConfigError
+from lorasweep.errors import ConfigError, one_line
 from lorasweep.metrics import METRIC_NAMES, compute_metrics
 from lorasweep.redaction import is_secret_key
 
@@ -67,7 +67,7 @@ def build_training_arguments(train_cfg, run_dir: str, seed: int,
         args = PicklableWithoutSecrets(**kwargs)
     except (TypeError, ValueError) as exc:  # e.g. an unknown key in training.extra
         raise ConfigError(f"training: TrainingArguments rejected the settings: "
-                          f"{' '.join(str(exc).split())[:300]}") from None
+                          f"{one_line(exc)[:300]}") from None
     setattr(args, SECRET_KEYS_ATTR, tuple(secret_keys))
     return args
 

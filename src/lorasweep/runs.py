@@ -1,0 +1,91 @@
+"""Reading a finished run back: its config, label map, row serializer, tokenizer and model.
+
+predict.py and export.py both start here; outputs.py says where each file of a run dir lives.
+torch, transformers and datasets are imported by the functions that need them, so a tool can
+check its arguments (and the run dir) before paying for those imports.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+from omegaconf import DictConfig, OmegaConf
+
+from lorasweep import outputs
+from lorasweep.errors import ConfigError, DataError, UserError
+
+
+def check_run_dir(run_dir: str) -> None:
+    """A directory holding a saved model: a run killed mid-training has its config and
+    checkpoints, but no adapter/ or model/ to load."""
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"run_dir={run_dir}: not a directory")
+    if not any(os.path.isdir(os.path.join(run_dir, name))
+               for name in (outputs.ADAPTER_DIR, outputs.FULL_MODEL_DIR)):
+        raise UserError(f"run_dir={run_dir}: not a finished run: no {outputs.ADAPTER_DIR}/ or "
+                        f"{outputs.FULL_MODEL_DIR}/ in {run_dir}")
+
+
+def load_run_config(run_dir: str) -> DictConfig:
+    """The run's saved config, merged over the schema (a key added since then gets its default)."""
+    path = os.path.join(run_dir, outputs.RUN_CONFIG)
+    if not os.path.isfile(path):
+        raise UserError(f"run_dir={run_dir}: no {outputs.RUN_CONFIG}; "
+                        "is this a finished lorasweep run?")
+    from lorasweep.config import TrainConfig
+
+    return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
+
+
+def load_label_map(run_dir: str):
+    from lorasweep.data import LabelMap
+
+    return LabelMap.from_json(outputs.read_json(run_dir, outputs.LABEL_MAP))
+
+
+def run_serialization(run_dir: str, cfg: DictConfig) -> Dict[str, Any]:
+    """The exact serializer settings the run trained with (text columns resolved)."""
+    from lorasweep.data import serialization_settings
+
+    meta_path = os.path.join(run_dir, outputs.DATASET_METADATA)
+    if os.path.isfile(meta_path):
+        settings = outputs.read_json(run_dir, outputs.DATASET_METADATA).get("serialization")
+        if settings:
+            return settings
+    if not cfg.data.text_columns:  # "every column but the label" needs the training table
+        raise DataError(f"run_dir={run_dir}: no {outputs.DATASET_METADATA} with the text columns")
+    return serialization_settings(cfg.data, cfg.data.text_columns)
+
+
+def load_model(run_dir: str, cfg: DictConfig, label_map, tokenizer):
+    """Base model + the run's adapter (adapter/), or the fully fine-tuned model (model/)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from lorasweep.modeling import base_model_path, build_model
+
+    adapter_dir = os.path.join(run_dir, outputs.ADAPTER_DIR)
+    if not os.path.isdir(adapter_dir):
+        return AutoModelForSequenceClassification.from_pretrained(
+            os.path.join(run_dir, outputs.FULL_MODEL_DIR))
+    from peft import PeftModel
+
+    base_path = base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed)
+    if not os.path.isdir(base_path) and cfg.model.arch is None:
+        # Not found as configured here: the base the run loaded, as model_metadata.json says.
+        meta = outputs.read_json(run_dir, outputs.MODEL_METADATA)
+        base_path = meta.get("base_model", base_path)
+    base = build_model(cfg.model, label_map, tokenizer, base_path)
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
+def load_for_inference(run_dir: str):
+    """Rebuild a trained model from its run dir: (model in eval mode, tokenizer, label map, cfg)."""
+    from transformers import AutoTokenizer
+
+    cfg = load_run_config(run_dir)
+    label_map = load_label_map(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, outputs.TOKENIZER_DIR))
+    model = load_model(run_dir, cfg, label_map, tokenizer)
+    model.eval()
+    return model, tokenizer, label_map, cfg
