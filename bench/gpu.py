@@ -74,6 +74,7 @@ def compose_config(args, work: str, deepspeed: str, gc: bool):
         f"training.max_steps={args.steps}",
         f"training.per_device_train_batch_size={args.batch_size}",
         "training.eval_strategy=no", "training.save_strategy=no",
+        "training.load_best_model_at_end=false",
         "training.disable_tqdm=true", "training.logging_steps=1000000",
         "training.warmup_steps=0", f"output_dir={work}/run", f"data.cache_dir={work}/cache"])
     with open_dict(cfg):

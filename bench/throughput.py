@@ -55,7 +55,8 @@ def compose_config(overrides, output_dir: str, cache_dir: str):
 def train_overrides(args, steps: int):
     return [f"model={args.model}", f"training.max_steps={steps}",
             f"training.per_device_train_batch_size={args.batch_size}",
-            "training.eval_strategy=no", "training.save_strategy=no", "training.disable_tqdm=true",
+            "training.eval_strategy=no", "training.save_strategy=no",
+            "training.load_best_model_at_end=false", "training.disable_tqdm=true",
             *args.overrides]
 
 
@@ -114,7 +115,7 @@ def handwritten_trainer(cfg, callbacks):
         TrainingArguments,
     )
 
-    from lorasweep.modeling import base_model_path
+    from lorasweep.modeling import base_model_path, peft_targets
 
     d = cfg.data
     table = pd.read_parquet(ROOT / d.train_path if not os.path.isabs(d.train_path)
@@ -134,7 +135,8 @@ def handwritten_trainer(cfg, callbacks):
         base_model_path(cfg.model, d.cache_dir, cfg.seed), num_labels=len(labels))
     model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora.r,
                                              lora_alpha=cfg.lora.alpha,
-                                             lora_dropout=cfg.lora.dropout))
+                                             lora_dropout=cfg.lora.dropout,
+                                             target_modules=peft_targets(cfg.lora.target_modules)))
     t = cfg.training
     args = TrainingArguments(
         output_dir=os.path.join(cfg.output_dir, "hf"), max_steps=t.max_steps,
