@@ -19,7 +19,7 @@ LEDGER = ROOT / "data" / "sample_ledger" / "ledger.parquet"
 ATOL = 1e-6  # fp32 noise from padding a row in a batch versus running it alone
 
 
-def run_tool(script: Path, args, cwd: Path) -> subprocess.CompletedProcess:
+def run_tool(script: Path, args, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=cli_env(),
                           capture_output=True, text=True, timeout=600)
 
@@ -33,10 +33,10 @@ def trained_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("predict_export")
     run = tmp / "run"
     # An absolute cache dir: predict/export rebuild the random base model from it, from any cwd.
-    # A high learning rate moves the head off its near-uniform init, so rows get distinct scores.
-    run_train([*SMOKE, "model.head_init=random", "training.learning_rate=0.05",
-               "training.max_steps=12",
-               f"hydra.run.dir={run}", f"data.cache_dir={tmp / 'cache'}"], check=True)
+    # A random head, attention-only LoRA and a high learning rate: 12 steps move the tiny
+    # model's head off its near-uniform init, so rows get distinct scores.
+    run_train([*SMOKE, "model.head_init=random", "lora=attention", "loss=ce",
+               "training.learning_rate=0.05", "training.max_steps=12", f"hydra.run.dir={run}", f"data.cache_dir={tmp / 'cache'}"], check=True)
     return run
 
 

@@ -133,9 +133,10 @@ def test_every_zero3_rank_starts_from_the_same_probe_head(tmp_path):
 
 @pytest.mark.slow
 def test_the_run_ends_with_its_best_epoch_not_its_last(tmp_path):
-    """A constant, too-high learning rate: epoch 1's eval loss is the lowest (found with this
-    seed). The run must end with epoch 1's weights: its final eval loss is epoch 1's, not epoch
-    3's, and the saved adapter reproduces those predictions."""
+    """A learning rate that ramps up to 5.0 over the whole run (warmup to the last step): each
+    epoch diverges further, so epoch 1 has the lowest eval loss. The run must end with epoch 1's
+    weights: its final eval loss is epoch 1's, not epoch 3's, and the saved adapter reproduces
+    those predictions."""
     import pandas as pd
 
     from conftest import SAMPLE
@@ -146,9 +147,11 @@ def test_the_run_ends_with_its_best_epoch_not_its_last(tmp_path):
     run_train([*SMOKE, "data=files", f"data.train_path={csv}", "data.label_column=acct_code",
                "training.max_steps=-1", "training.num_train_epochs=3",
                "training.eval_strategy=epoch", "training.save_strategy=epoch",
-               "training.load_best_model_at_end=true", "training.learning_rate=0.1",
-               "training.lr_scheduler_type=constant", "training.per_device_train_batch_size=16",
-               "model.head_init=random", "objective.metric=eval_loss", "baseline=none",
+               "training.load_best_model_at_end=true", "training.learning_rate=5.0",
+               "training.warmup_steps=0.99", "training.per_device_train_batch_size=16",
+               "training.save_total_limit=3",  # keep every epoch's trainer_state.json
+               "model.head_init=random", "lora=attention", "loss=ce",
+               "objective.metric=eval_loss", "baseline=none",
                f"hydra.run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}"],
               check=True)
     metrics = metrics_of(run)
@@ -157,7 +160,7 @@ def test_the_run_ends_with_its_best_epoch_not_its_last(tmp_path):
     losses = {e["epoch"]: e["eval_loss"] for e in history if "eval_loss" in e}
     assert sorted(losses) == [1.0, 2.0, 3.0]
     best = min(losses, key=losses.get)
-    assert best < 3.0 and losses[3.0] > losses[best], losses  # the scenario this test needs
+    assert best == 1.0 and losses[3.0] > losses[2.0] > losses[1.0], losses  # the scenario
     assert metrics["best_epoch"] == best
     assert metrics["eval_loss"] == pytest.approx(losses[best], rel=1e-5)
     assert_reload_reproduces_predictions(run)
@@ -169,7 +172,7 @@ def test_the_head_and_pooler_learn_at_their_own_rate(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
-    from lorasweep.training import OrderedEvalTrainer
+    from lorasweep.trainer import OrderedEvalTrainer
 
     config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, num_labels=3)
