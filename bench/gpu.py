@@ -97,7 +97,7 @@ def synthetic_rows(n_rows: int, seq_len: int, vocab: int, pad_id: int, num_label
 
 def build_variant(args, cfg, timer):
     """lorasweep's path: base model before TrainingArguments (ZeRO-3), then model, LoRA, Trainer."""
-    from lorasweep.data import LabelMap
+    from lorasweep.labels import LabelMap
     from lorasweep.deepspeed_config import build_deepspeed_config
     from lorasweep.losses import build_loss
     from lorasweep.modeling import (

@@ -9,8 +9,10 @@ from transformers import AutoTokenizer
 
 from conftest import SAMPLE, SMOKE, compose_cfg, run_train, save_tokenized_dataset_dict
 from lorasweep.config import package_dir
-from lorasweep.data import (build_label_map, format_value, load_splits, normalise_labels,
-                            prepare_data, serialize_row, split_table)
+from lorasweep.data import prepare_data
+from lorasweep.labels import build_label_map
+from lorasweep.serialization import format_value, serialize_row
+from lorasweep.tables import load_splits, normalise_labels, split_table
 from lorasweep.errors import DataError
 
 def data_cfg(tmp_path, **overrides):
@@ -295,7 +297,7 @@ def test_labels_differing_only_by_surrounding_whitespace_are_one_class(tmp_path,
     table = pd.DataFrame({"text": [f"row {i}" for i in range(30)],
                           "y": ["a", " a", "a ", "b", "b", "b"] * 5})
     cfg = data_cfg(tmp_path, train_path=write_csv(tmp_path, table), label_column="y")
-    with caplog.at_level("WARNING", logger="lorasweep.data"):
+    with caplog.at_level("WARNING", logger="lorasweep.tables"):
         splits, _, _ = load_splits(cfg)
     assert set(splits["train"]["y"]) == {"a", "b"}
     assert "stripped surrounding whitespace from 10 label(s) in column 'y'" in caplog.text

@@ -53,7 +53,7 @@ def varied_input(trained_run) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def single_row_probabilities(trained_run, varied_input) -> np.ndarray:
     """Each row predicted alone (batch of one, no padding), through the training serializer."""
-    from lorasweep.data import serialize_batch
+    from lorasweep.serialization import serialize_batch
     from lorasweep.inference import predict_probabilities
     from lorasweep.runs import load_for_inference, run_serialization
 
@@ -116,7 +116,7 @@ def test_missing_column_is_one_line_error_and_no_output(trained_run, tmp_path):
 def test_export_predicts_like_the_adapter_model(trained_run, varied_input, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lorasweep.data import serialize_batch
+    from lorasweep.serialization import serialize_batch
     from lorasweep.inference import predict_probabilities
     from lorasweep.runs import load_for_inference, run_serialization
 

@@ -6,7 +6,7 @@
     model = AutoModelForSequenceClassification.from_pretrained("exported/ledger-classifier")
 
 The dir also holds lorasweep_serialization.json: the text columns, separator, etc. that turn a
-table row into the model's input text (lorasweep.data.serialize_row), and the max_length.
+table row into the model's input text (lorasweep.serialization.serialize_row), and the max_length.
 """
 
 import os

@@ -14,7 +14,7 @@ from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassificat
 from lorasweep import distributed
 from lorasweep.config import CHOICES
 from lorasweep.console import quiet_loading
-from lorasweep.data import LabelMap
+from lorasweep.labels import LabelMap
 from lorasweep.errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)

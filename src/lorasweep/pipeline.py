@@ -22,7 +22,7 @@ from transformers import DataCollatorWithPadding, Trainer, set_seed
 from lorasweep import __version__, distributed, outputs, reports
 from lorasweep.baseline import tfidf_baseline
 from lorasweep.console import silence_library_noise
-from lorasweep.data import SPLITS, PreparedData, format_diagnostics, prepare_data
+from lorasweep.data import PreparedData, format_diagnostics, prepare_data
 from lorasweep.deepspeed_config import (build_deepspeed_config, count_model_parameters,
                                         estimate_model_state_memory, zero_stage)
 from lorasweep.errors import ConfigError
@@ -33,6 +33,7 @@ from lorasweep.modeling import (HEAD_NAMES, apply_lora, base_model_path, build_m
                                count_parameters, load_tokenizer)
 from lorasweep.preflight import check_run_config
 from lorasweep.redaction import mask_overrides
+from lorasweep.tables import SPLITS
 from lorasweep.tracking import (Tracker, TrackingCallback, flatten_params, git_commit,
                                 resolve_uri, start_tracker)
 from lorasweep.trainer import (best_epoch, build_trainer, build_training_arguments,

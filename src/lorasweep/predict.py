@@ -84,7 +84,7 @@ def predict_table(model, tokenizer, labels: List[str], settings: Dict[str, Any],
     """The input rows (a `datasets.Dataset`) as a DataFrame, plus the prediction columns."""
     import pandas as pd
 
-    from lorasweep.data import serialize_batch
+    from lorasweep.serialization import serialize_batch
     from lorasweep.inference import predict_probabilities
 
     texts = serialize_batch(table.to_dict(), settings)
@@ -99,7 +99,7 @@ def predict_table(model, tokenizer, labels: List[str], settings: Dict[str, Any],
 
 def label_metrics(frame, label_column: str, labels: List[str]) -> Optional[Dict[str, float]]:
     """Accuracy and macro-F1 against the input's label column, when it has one."""
-    from lorasweep.data import label_to_text
+    from lorasweep.labels import label_to_text
     from lorasweep.metrics import classification_metrics
 
     if label_column not in frame.columns:
@@ -148,7 +148,7 @@ def pick_device(name: str):
 
 def predict_file(cfg) -> Dict[str, Any]:
     """Read `cfg.input`, predict with the run in `cfg.run_dir`, write `cfg.output`; a summary."""
-    from lorasweep.data import read_table
+    from lorasweep.tables import read_table
 
     validate_request(cfg)
     from lorasweep.preflight import check_max_length

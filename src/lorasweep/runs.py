@@ -39,14 +39,14 @@ def load_run_config(run_dir: str) -> DictConfig:
 
 
 def load_label_map(run_dir: str):
-    from lorasweep.data import LabelMap
+    from lorasweep.labels import LabelMap
 
     return LabelMap.from_json(outputs.read_json(run_dir, outputs.LABEL_MAP))
 
 
 def run_serialization(run_dir: str, cfg: DictConfig) -> Dict[str, Any]:
     """The exact serializer settings the run trained with (text columns resolved)."""
-    from lorasweep.data import serialization_settings
+    from lorasweep.serialization import serialization_settings
 
     meta_path = os.path.join(run_dir, outputs.DATASET_METADATA)
     if os.path.isfile(meta_path):
