@@ -100,7 +100,8 @@ class TrainingSettings:
     eval_strategy: str = "epoch"
     eval_steps: Optional[int] = None
     # One checkpoint per evaluation (an adapter + its optimizer state: a few MB with LoRA), so
-    # that load_best_model_at_end can keep the best epoch's weights; best and newest are kept.
+    # that load_best_model_at_end can keep the best epoch's weights; while training the best and
+    # the newest are kept (a rerun resumes from the newest), at the end only the best.
     save_strategy: str = "epoch"
     save_steps: int = 500
     save_total_limit: Optional[int] = 1
