@@ -20,7 +20,9 @@ import lorasweep.config  # noqa: F401  (registers the schemas, as train.py does)
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 TRAIN = ROOT / "src" / "lorasweep" / "train.py"
-SMOKE = ["model=tiny_bert", "training=smoke", "tracking=none"]
+# baseline=none: a smoke run's scores mean nothing, and the TF-IDF fit would add seconds to each
+# of the suite's many runs (tests that check the baseline turn it back on)
+SMOKE = ["model=tiny_bert", "training=smoke", "tracking=none", "baseline=none"]
 SAMPLE = ROOT / "data" / "sample_ledger" / "ledger.parquet"
 
 

@@ -24,7 +24,7 @@ RUN_FILES = {".hydra", "adapter", "checkpoints", "config.yaml", "dataset_metadat
 def launched_run(launcher, overrides, tmp_path) -> Path:
     """Run 2 ranks with a timestamped run dir pattern; return the one dir they agreed on."""
     pattern = tmp_path / "runs" / "run_${now:%H-%M-%S_%f}"
-    proc = run_train(["model=tiny_bert", "training=smoke", "tracking=none", *overrides,
+    proc = run_train(["model=tiny_bert", "training=smoke", "baseline=none", "tracking=none", *overrides,
                       f"hydra.run.dir={pattern}"], launcher=launcher, check=True)
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1, f"ranks wrote {len(runs)} run dirs: {runs}\n{proc.stdout[-2000:]}"
@@ -83,7 +83,7 @@ def first_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 240) ->
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     run = tmp_path / "run"
-    args = [*DEEPSPEED, str(TRAIN), "model=tiny_bert", "training=smoke", "tracking=none",
+    args = [*DEEPSPEED, str(TRAIN), "model=tiny_bert", "training=smoke", "baseline=none", "tracking=none",
             "deepspeed=zero2", "training.max_steps=120", "training.save_strategy=steps",
             "training.save_steps=10", "training.save_total_limit=2", f"hydra.run.dir={run}"]
     log = open(tmp_path / "first.log", "w")

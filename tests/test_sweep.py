@@ -26,7 +26,7 @@ SPACE = "hparams_search=optuna_f1"
 
 def sweep(tmp_path, name, *extra, check=True):
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_train(["-m", SPACE, "model=tiny_bert", "training=smoke", f"tracking.uri={db}",
+    proc = run_train(["-m", SPACE, "model=tiny_bert", "training=smoke", "baseline=none", f"tracking.uri={db}",
                       f"tracking.experiment_name={name}", f"hydra.sweep.dir={tmp_path / name}",
                       *extra], timeout=900, check=check)
     return proc, db

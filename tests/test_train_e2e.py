@@ -18,7 +18,7 @@ METRIC_KEYS = ["eval_accuracy", "eval_f1_macro", "eval_f1_weighted", "eval_preci
 @pytest.mark.parametrize("model", ["tiny_bert", "tiny_qwen2"])
 def test_smoke_run_writes_outputs_and_the_adapter_reloads(model, tmp_path):
     run = tmp_path / "run"
-    run_train([f"model={model}", "training=smoke", "tracking=none", f"hydra.run.dir={run}",
+    run_train([f"model={model}", "training=smoke", "baseline=none", "tracking=none", f"hydra.run.dir={run}",
                f"data.cache_dir={tmp_path / 'cache'}"], check=True)
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json",
                  "tokenizer/tokenizer.json", "label_map.json", "metrics.json",
@@ -39,7 +39,7 @@ def test_smoke_run_writes_outputs_and_the_adapter_reloads(model, tmp_path):
 def test_main_returns_the_objective_in_metrics_json(tmp_path):
     from lorasweep.train import main
 
-    cfg = compose_cfg(["model=tiny_bert", "training=smoke", "tracking=none",
+    cfg = compose_cfg(["model=tiny_bert", "training=smoke", "baseline=none", "tracking=none",
                        "objective.metric=eval_accuracy", f"data.cache_dir={tmp_path / 'c'}"],
                       output_dir=str(tmp_path / "run"))
     value = main(cfg)

@@ -95,7 +95,7 @@ def saved_head_digest(run):
 @pytest.mark.slow
 def test_without_training_the_model_predicts_what_the_probe_predicts(tmp_path):
     run = tmp_path / "run"
-    proc = run_train([*SMOKE, *NO_TRAINING, f"hydra.run.dir={run}",
+    proc = run_train([*SMOKE, *NO_TRAINING, "baseline=tfidf", f"hydra.run.dir={run}",
                       f"data.cache_dir={tmp_path / 'cache'}"], check=True)
     metrics = metrics_of(run)
     for split in ("eval", "test"):
