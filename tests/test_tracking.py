@@ -61,7 +61,7 @@ def test_one_process_run_is_logged_once_and_finished(mlflow_server, tmp_path):
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.params["lora.r"] == "16" and run.data.params["model.arch.model_type"] == "bert"
+    assert run.data.params["lora.r"] == "8" and run.data.params["model.arch.model_type"] == "bert"
     assert run.data.params["training.extra.hub_token"] == MASK
     for key in ("eval_f1_macro", "test_accuracy", "train_loss", "speed/tokens_per_sec",
                 "cpu/rss_mb"):
@@ -111,7 +111,7 @@ def test_flatten_params_masks_secrets():
     cfg = compose_cfg(["model=tiny_bert", "tracking.uri=http://x", "+training.extra.api_key=abc"],
                       "/tmp/unused")
     flat = flatten_params(cfg)
-    assert flat["training.extra.api_key"] == MASK and flat["lora.r"] == "16"
+    assert flat["training.extra.api_key"] == MASK and flat["lora.r"] == "8"
     assert flat["tracking.uri"] == "http://x"
     assert flat["model.tokenizer_name_or_path"].endswith("model")  # "token" only as a word
 
