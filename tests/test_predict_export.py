@@ -35,7 +35,7 @@ def trained_run(tmp_path_factory) -> Path:
     # An absolute cache dir: predict/export rebuild the random base model from it, from any cwd.
     # A random head, attention-only LoRA and a high learning rate: 12 steps move the tiny
     # model's head off its near-uniform init, so rows get distinct scores.
-    run_train([*SMOKE, "model.head_init=random", "lora=attention", "loss=ce",
+    run_train([*SMOKE, "model.head_init=random", "lora=default", "loss=ce",
                "training.learning_rate=0.05", "training.max_steps=12", f"hydra.run.dir={run}", f"data.cache_dir={tmp / 'cache'}"], check=True)
     return run
 

@@ -150,7 +150,7 @@ def test_the_run_ends_with_its_best_epoch_not_its_last(tmp_path):
                "training.load_best_model_at_end=true", "training.learning_rate=5.0",
                "training.warmup_steps=0.99", "training.per_device_train_batch_size=16",
                "training.save_total_limit=3",  # keep every epoch's trainer_state.json
-               "model.head_init=random", "lora=attention", "loss=ce",
+               "model.head_init=random", "lora=default", "loss=ce",
                "objective.metric=eval_loss", "baseline=none",
                f"hydra.run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}"],
               check=True)
