@@ -70,12 +70,13 @@ def head_inputs(model, head: nn.Linear, dataset, collator, batch_size: int,
     hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     columns = [c for c in dataset.column_names if c != "labels"]
     order = np.argsort([len(ids) for ids in dataset["input_ids"]])  # similar lengths together
+    ordered = dataset.select_columns(columns).select(order)
     device = next(model.parameters()).device
     rows = []
     try:
-        for start in range(0, len(order), batch_size):
-            batch = collator([{c: dataset[int(i)][c] for c in columns}
-                              for i in order[start:start + batch_size]])
+        for start in range(0, len(ordered), batch_size):
+            chunk = ordered[start:start + batch_size]  # column -> list, one Arrow read a batch
+            batch = collator([dict(zip(chunk, values)) for values in zip(*chunk.values())])
             batch = {k: v.to(device) for k, v in batch.items()}
             captured.clear()
             model(**batch)
