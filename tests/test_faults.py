@@ -1,7 +1,10 @@
 """Faults on real runs: SIGTERM and Ctrl-C mid-training end the MLflow run KILLED with a reason
-and a rerun resumes; two runs opening one fresh local MLflow store at once are both recorded."""
+and a rerun resumes; two runs opening one fresh local MLflow store at once are both recorded; a
+build lock left by a killed DeepSpeed op build does not make the next run wait forever."""
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,10 +13,13 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from torch.utils.cpp_extension import get_default_build_root
 
 from conftest import ROOT, SMOKE, TRAIN, cli_env, run_train
 
 pytestmark = pytest.mark.slow
+
+SHM_OP = "deepspeed_shm_comm"  # the op DeepSpeed JIT-builds for CPU communication
 
 
 def runs_in(uri: str, experiment: str):
@@ -85,3 +91,51 @@ def test_two_runs_on_one_fresh_sqlite_store_are_both_recorded(tmp_path):
     runs = runs_in(uri, "together")
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
     assert len({r.data.tags["run_dir"] for r in runs}) == 2
+
+
+def make_stale_lock(path: Path) -> None:
+    """A lock file as torch's FileBaton leaves it when its build is killed: present, closed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    old = time.time() - 600
+    os.utime(path, (old, old))
+
+
+def test_a_stale_extension_build_lock_is_removed_and_a_held_one_kept(tmp_path, monkeypatch,
+                                                                       caplog):
+    from lorasweep.preflight import clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, held, young = (tmp_path / name / "lock" for name in ("stale_op", "held_op", "new_op"))
+    make_stale_lock(stale)
+    make_stale_lock(held)
+    young.parent.mkdir()
+    young.touch()
+    fd = os.open(held, os.O_RDONLY)  # a build in progress keeps its lock open
+    try:
+        with caplog.at_level("WARNING", logger="lorasweep.preflight"):
+            removed = clear_stale_build_locks()
+    finally:
+        os.close(fd)
+    assert removed == [str(stale)]
+    assert not stale.exists() and held.exists() and young.exists()
+    assert f"removed a stale build lock {stale}" in caplog.text
+
+
+def test_a_deepspeed_run_after_a_killed_op_build_does_not_wait_forever(tmp_path, monkeypatch):
+    # DeepSpeed builds its CPU shared-memory op in the extensions dir on first use; a build
+    # killed there (Ctrl-C) leaves its lock, and torch then waits for it without end.
+    extensions = tmp_path / "torch_extensions"
+    built = Path(get_default_build_root()).glob(f"*/{SHM_OP}")
+    for source in built:  # reuse this machine's build, if any, so the run needs no compile
+        shutil.copytree(source, extensions / SHM_OP)
+        break
+    make_stale_lock(extensions / SHM_OP / "lock")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    proc = run_train([*SMOKE, "deepspeed=zero2", f"hydra.run.dir={tmp_path / 'run'}"],
+                     timeout=420, check=True)
+    output = proc.stdout + proc.stderr
+    assert "removed a stale build lock" in output
+    assert "gcc " not in output  # DeepSpeed's libaio probe compiles quietly
+    assert not (extensions / SHM_OP / "lock").exists()
+    assert (tmp_path / "run" / "metrics.json").is_file()

@@ -2,9 +2,9 @@
 and per evaluation, and none of the library noise that says nothing to the user.
 
 Silenced unless `log_level=debug`: transformers' LOAD REPORT for a head we know is new (we log
-one line instead), DeepSpeed's "Setting accelerator to CPU", the deprecation warnings our pinned
-libraries raise at each other, datasets' progress bars while the data cache is written, and the
-Trainer's raw log dicts.
+one line instead), DeepSpeed's "Setting accelerator to CPU" and the gcc lines of its libaio
+probe, the deprecation warnings our pinned libraries raise at each other, datasets' progress bars
+while the data cache is written, and the Trainer's raw log dicts.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def silence_library_noise() -> None:
         return
     for pattern in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    # DeepSpeed probes for libaio with a test compile at start; setuptools logs each gcc line
+    logging.getLogger("compilers").setLevel(logging.WARNING)
     try:
         import torch
 

@@ -1,19 +1,25 @@
 """Checks that a run can start, made before any data or model work: the config's values
-(`config.validate`), the model's position limit, a run dir that can be created.
+(`config.validate`), the model's position limit, a run dir that can be created; and, before
+DeepSpeed starts, no stale build lock that would make it wait forever.
 
 Each failure is a user error: one line naming the key, exit code 2.
 """
 
 from __future__ import annotations
 
+import glob
+import logging
 import os
-from typing import Any, Optional
+import time
+from typing import Any, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from lorasweep.config import validate
 from lorasweep.errors import ConfigError, exit_with_user_error
+
+log = logging.getLogger(__name__)
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -80,3 +86,65 @@ def _exit_if_uncreatable(key: str, path: str) -> None:
     reason = uncreatable_reason(path)
     if reason:
         exit_with_user_error(ConfigError(f"{key}={path}: cannot create the directory ({reason})"))
+
+
+def extension_build_locks() -> List[str]:
+    """The `lock` files of torch's JIT-built extensions (DeepSpeed builds its CPU shared-memory
+    communication op this way on first use), where torch.utils.cpp_extension puts them."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return glob.glob(os.path.join(root, "*", "lock"))
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return glob.glob(os.path.join(get_default_build_root(), "*", "*", "lock"))
+
+
+def held_open(path: str) -> Optional[bool]:
+    """Whether some process has `path` open (Linux /proc); None when that cannot be told."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    target = os.path.realpath(path)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        fd_dir = os.path.join("/proc", pid, "fd")
+        try:
+            fds = os.listdir(fd_dir)
+        except FileNotFoundError:  # the process ended
+            continue
+        except PermissionError:  # another user's process: it might hold the lock
+            return None
+        for fd in fds:
+            try:
+                if os.readlink(os.path.join(fd_dir, fd)) == target:
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def clear_stale_build_locks(min_age_seconds: float = 30.0) -> List[str]:
+    """Remove extension build locks that no process holds; return their paths.
+
+    torch takes the lock by creating the file and keeps it open while it builds; a build that
+    is killed (Ctrl-C during a first DeepSpeed run) leaves the file behind, and every later run
+    waits on it forever. A lock younger than `min_age_seconds` is left to its builder."""
+    removed = []
+    for lock in extension_build_locks():
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except FileNotFoundError:
+            continue
+        if age < min_age_seconds:
+            continue
+        held = held_open(lock)
+        if held is None:
+            log.warning("build lock %s is %.0f s old and may be stale: if this run waits at "
+                        "DeepSpeed's start, stop it and delete that file", lock, age)
+        elif not held:
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                continue
+            removed.append(lock)
+            log.warning("removed a stale build lock %s (left by a killed build; no process "
+                        "holds it), which would have made DeepSpeed wait forever", lock)
+    return removed

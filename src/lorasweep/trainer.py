@@ -21,6 +21,7 @@ from lorasweep.callbacks import SpeedMemoryCallback
 from lorasweep.console import use_readable_logs
 from lorasweep.errors import ConfigError, one_line
 from lorasweep.metrics import METRIC_NAMES, compute_metrics
+from lorasweep.preflight import clear_stale_build_locks
 from lorasweep.redaction import is_secret_key
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def build_training_arguments(train_cfg, run_dir: str, seed: int,
         kwargs.pop("eval_steps")
     if ds_config is not None:
         kwargs["deepspeed"] = ds_config
+        clear_stale_build_locks()  # DeepSpeed may JIT-build an op when it starts
     kwargs.update(distributed.prepare_backend(use_deepspeed=ds_config is not None))
     kwargs.update(dict(train_cfg.extra))
     try:
