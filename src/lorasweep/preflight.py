@@ -2,7 +2,8 @@
 (`config.validate`), the model's position limit, a run dir that can be created; and, before
 DeepSpeed starts, no stale build lock that would make it wait forever.
 
-Each failure is a user error: one line naming the key, exit code 2.
+Each failed check is a user error: one line naming the key, exit code 2. A stale lock is not the
+user's doing: it is removed, with a warning line.
 """
 
 from __future__ import annotations
