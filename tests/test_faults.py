@@ -126,10 +126,9 @@ def test_a_deepspeed_run_after_a_killed_op_build_does_not_wait_forever(tmp_path,
     # DeepSpeed builds its CPU shared-memory op in the extensions dir on first use; a build
     # killed there (Ctrl-C) leaves its lock, and torch then waits for it without end.
     extensions = tmp_path / "torch_extensions"
-    built = Path(get_default_build_root()).glob(f"*/{SHM_OP}")
-    for source in built:  # reuse this machine's build, if any, so the run needs no compile
-        shutil.copytree(source, extensions / SHM_OP)
-        break
+    built = next(Path(get_default_build_root()).glob(f"*/{SHM_OP}"), None)
+    if built is not None:  # this machine's build, so that the run need not compile (about 1 min)
+        shutil.copytree(built, extensions / SHM_OP)
     make_stale_lock(extensions / SHM_OP / "lock")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     proc = run_train([*SMOKE, "deepspeed=zero2", f"hydra.run.dir={tmp_path / 'run'}"],
