@@ -329,7 +329,7 @@ def _split_size_errors(data_cfg) -> List[str]:
 
 
 def _objective_errors(cfg: DictConfig) -> List[str]:
-    from lorasweep.metrics import run_metric_names
+    from lorasweep.metric_names import run_metric_names
 
     if cfg.objective.metric in run_metric_names(cfg.metrics.hierarchy_prefixes):
         return []

@@ -28,7 +28,8 @@ from lorasweep.deepspeed_config import (build_deepspeed_config, count_model_para
 from lorasweep.errors import ConfigError
 from lorasweep.interrupts import failure_reason, run_status
 from lorasweep.losses import build_loss
-from lorasweep.metrics import METRIC_NAMES, hierarchy_metrics
+from lorasweep.metric_names import METRIC_NAMES
+from lorasweep.metrics import hierarchy_metrics
 from lorasweep.modeling import (HEAD_NAMES, apply_lora, base_model_path, build_model,
                                count_parameters, load_tokenizer)
 from lorasweep.preflight import check_run_config

@@ -20,7 +20,8 @@ from lorasweep import distributed, outputs
 from lorasweep.callbacks import SpeedMemoryCallback
 from lorasweep.console import use_readable_logs
 from lorasweep.errors import ConfigError, one_line
-from lorasweep.metrics import METRIC_NAMES, compute_metrics
+from lorasweep.metric_names import METRIC_NAMES
+from lorasweep.metrics import compute_metrics
 from lorasweep.preflight import clear_stale_build_locks
 from lorasweep.redaction import is_secret_key
 
