@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import List, Sequence
 
@@ -24,6 +26,31 @@ TRAIN = ROOT / "src" / "lorasweep" / "train.py"
 # of the suite's many runs (tests that check the baseline turn it back on)
 SMOKE = ["model=tiny_bert", "training=smoke", "tracking=none", "baseline=none"]
 SAMPLE = ROOT / "data" / "sample_ledger" / "ledger.parquet"
+
+
+SHM_OP = "deepspeed_shm_comm"  # the op DeepSpeed JIT-builds for CPU communication
+
+
+def make_stale_lock(path: Path) -> None:
+    """A lock file as torch's FileBaton leaves it when its build is killed: present, closed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()
+    old = time.time() - 600
+    os.utime(path, (old, old))
+
+
+def extensions_dir_with_stale_lock(tmp_path: Path) -> Path:
+    """A TORCH_EXTENSIONS_DIR as a killed DeepSpeed op build leaves it: the op's lock still
+    there. It holds this machine's build of the op when there is one, so that a run need not
+    compile it again (about 1 min)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    extensions = tmp_path / "torch_extensions"
+    built = next(Path(get_default_build_root()).glob(f"*/{SHM_OP}"), None)
+    if built is not None:
+        shutil.copytree(built, extensions / SHM_OP)
+    make_stale_lock(extensions / SHM_OP / "lock")
+    return extensions
 
 
 def compose_cfg(overrides: Sequence[str] = (), output_dir: str | None = None) -> DictConfig:

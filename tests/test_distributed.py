@@ -1,5 +1,6 @@
 """Real multi-rank runs on CPU: the `deepspeed` launcher (ZeRO-2/3 engines over gloo) and
-torchrun (DDP), one shared run dir written by rank 0 only, and kill + resume."""
+torchrun (DDP), one shared run dir written and one MLflow run logged by rank 0 only, a stale
+DeepSpeed op build lock cleared, and kill + resume."""
 
 import json
 import os
@@ -9,8 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, TRAIN, assert_reload_reproduces_predictions, cli_env, run_train
+from conftest import (ROOT, SHM_OP, TRAIN, assert_reload_reproduces_predictions, cli_env,
+                      extensions_dir_with_stale_lock, run_train)
 
 pytestmark = pytest.mark.slow
 
@@ -21,14 +24,15 @@ RUN_FILES = {".hydra", "adapter", "checkpoints", "config.yaml", "dataset_metadat
              "train.log"}
 
 
-def launched_run(launcher, overrides, tmp_path) -> Path:
-    """Run 2 ranks with a timestamped run dir pattern; return the one dir they agreed on."""
+def launched_run(launcher, overrides, tmp_path):
+    """Run 2 ranks with a timestamped run dir pattern; the one dir they agreed on, and what
+    the launcher printed."""
     pattern = tmp_path / "runs" / "run_${now:%H-%M-%S_%f}"
-    proc = run_train(["model=tiny_bert", "training=smoke", "baseline=none", "tracking=none", *overrides,
+    proc = run_train(["model=tiny_bert", "training=smoke", "baseline=none", *overrides,
                       f"hydra.run.dir={pattern}"], launcher=launcher, check=True)
     runs = list((tmp_path / "runs").iterdir())
     assert len(runs) == 1, f"ranks wrote {len(runs)} run dirs: {runs}\n{proc.stdout[-2000:]}"
-    return runs[0]
+    return runs[0], proc.stdout + proc.stderr
 
 
 def assert_written_by_rank_zero_only(run: Path) -> None:
@@ -38,8 +42,14 @@ def assert_written_by_rank_zero_only(run: Path) -> None:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_launcher_trains_a_zero_engine_on_two_ranks(stage, tmp_path):
-    run = launched_run(DEEPSPEED, [f"deepspeed=zero{stage}"], tmp_path)
+def test_deepspeed_launcher_trains_a_zero_engine_on_two_ranks(stage, tmp_path, monkeypatch):
+    # DeepSpeed builds its CPU shared-memory op in the extensions dir on first use; a build
+    # killed there (Ctrl-C) leaves its lock, and torch would wait for it on every rank forever.
+    extensions = extensions_dir_with_stale_lock(tmp_path)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run, output = launched_run(DEEPSPEED, [f"deepspeed=zero{stage}", f"tracking.uri={uri}",
+                                           "tracking.experiment_name=two_ranks"], tmp_path)
     meta = json.loads((run / "model_metadata.json").read_text())
     assert meta["wrapped_model_class"] == "DeepSpeedEngine"
     assert meta["zero_stage_engine"] == stage and meta["world_size"] == 2
@@ -48,9 +58,18 @@ def test_deepspeed_launcher_trains_a_zero_engine_on_two_ranks(stage, tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").stat().st_size > 1000
     assert_reload_reproduces_predictions(run)
 
+    client = MlflowClient(uri)
+    [logged] = client.search_runs([client.get_experiment_by_name("two_ranks").experiment_id])
+    assert logged.info.status == "FINISHED" and "eval_f1_macro" in logged.data.metrics
+    assert logged.data.tags["world_size"] == "2"
+    assert logged.data.tags["zero_stage"] == str(stage)
+
+    assert "removed a stale build lock" in output and not (extensions / SHM_OP / "lock").exists()
+    assert "gcc " not in output  # DeepSpeed's libaio probe compiles quietly
+
 
 def test_torchrun_without_deepspeed_trains_as_ddp(tmp_path):
-    run = launched_run(TORCHRUN, ["deepspeed=none"], tmp_path)
+    run, _ = launched_run(TORCHRUN, ["deepspeed=none", "tracking=none"], tmp_path)
     meta = json.loads((run / "model_metadata.json").read_text())
     assert meta["wrapped_model_class"] == "DistributedDataParallel" and meta["world_size"] == 2
     assert_written_by_rank_zero_only(run)

@@ -1,5 +1,6 @@
-"""MLflow against a real `mlflow server` on loopback: one run per training (1 process or 2 ranks),
-status FINISHED/FAILED, params/metrics/artifacts; an unreachable server; masked secrets."""
+"""MLflow against a real `mlflow server` on loopback: one run per training, status
+FINISHED/FAILED, params/metrics/artifacts; an unreachable server; masked secrets. (A 2-rank
+DeepSpeed run logged once from rank 0: tests/test_distributed.py.)"""
 
 import subprocess
 import sys
@@ -71,18 +72,6 @@ def test_one_process_run_is_logged_once_and_finished(mlflow_server, tmp_path):
     assert {"metrics.json", "label_map.json", "config.yaml", "dataset_metadata.json",
             "model_metadata.json", "adapter", "reports", "hydra"} <= names
     assert "confusion_matrix_test.png" in artifact_names(client, run.info.run_id, "reports")
-
-
-def test_two_rank_deepspeed_run_is_logged_once(mlflow_server, tmp_path):
-    run_train(["model=tiny_bert", "training=smoke", "baseline=none", "deepspeed=zero2",
-               f"tracking.uri={mlflow_server}", "tracking.experiment_name=two_ranks",
-               f"hydra.run.dir={tmp_path / 'run'}"],
-              launcher=("deepspeed", "--num_gpus", "2"), check=True)
-    runs, _ = runs_of(mlflow_server, "two_ranks")
-    assert len(runs) == 1
-    assert runs[0].info.status == "FINISHED"
-    assert runs[0].data.tags["world_size"] == "2" and runs[0].data.tags["zero_stage"] == "2"
-    assert "eval_f1_macro" in runs[0].data.metrics
 
 
 def test_a_run_that_raises_ends_failed(mlflow_server, tmp_path):
