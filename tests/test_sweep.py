@@ -185,7 +185,7 @@ def synthetic_trials(n, seed=0):
         overrides = [f"training.learning_rate={lr}", f"lora.r={rng.choice([8, 16, 32])}",
                      f"training.num_train_epochs={rng.choice([3, 5])}",
                      f"model.head_init={rng.choice(['probe', 'random'])}",
-                     f"lora={rng.choice(['default', 'all_linear'])}",
+                     f"lora={rng.choice(['default', 'attention'])}",
                      f"lora.alpha={rng.choice([16, 32])}",
                      f"lora.dropout={rng.uniform(0, 0.2)}", "loss=ce",
                      f"loss.alpha={rng.uniform(0.2, 1)}",
