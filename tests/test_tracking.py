@@ -57,12 +57,12 @@ def artifact_names(client, run_id, path=None):
 def test_one_process_run_is_logged_once_and_finished(mlflow_server, tmp_path):
     run_train(["model=tiny_bert", "training=smoke", "baseline=none", f"tracking.uri={mlflow_server}",
                "tracking.experiment_name=one_proc", f"hydra.run.dir={tmp_path / 'run'}",
-               "+training.extra.hub_token=hf_secret_value"], check=True)
+               "lora.r=4", "+training.extra.hub_token=hf_secret_value"], check=True)
     runs, client = runs_of(mlflow_server, "one_proc")
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.params["lora.r"] == "8" and run.data.params["model.arch.model_type"] == "bert"
+    assert run.data.params["lora.r"] == "4" and run.data.params["model.arch.model_type"] == "bert"
     assert run.data.params["training.extra.hub_token"] == MASK
     for key in ("eval_f1_macro", "test_accuracy", "train_loss", "speed/tokens_per_sec",
                 "cpu/rss_mb"):
@@ -97,10 +97,10 @@ def test_unreachable_server_warns_or_fails_before_training(tmp_path):
 
 
 def test_flatten_params_masks_secrets():
-    cfg = compose_cfg(["model=tiny_bert", "tracking.uri=http://x", "+training.extra.api_key=abc"],
-                      "/tmp/unused")
+    cfg = compose_cfg(["model=tiny_bert", "tracking.uri=http://x", "lora.r=4",
+                       "+training.extra.api_key=abc"], "/tmp/unused")
     flat = flatten_params(cfg)
-    assert flat["training.extra.api_key"] == MASK and flat["lora.r"] == "8"
+    assert flat["training.extra.api_key"] == MASK and flat["lora.r"] == "4"
     assert flat["tracking.uri"] == "http://x"
     assert flat["model.tokenizer_name_or_path"].endswith("model")  # "token" only as a word
 
