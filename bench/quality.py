@@ -1,5 +1,6 @@
 """Test macro-F1 per data set: majority class, TF-IDF + LR, frozen-encoder probe, lorasweep's
-defaults, and (optionally) the best of an Optuna sweep, all on the same split.
+defaults (the fine-tuned model alone, and blended with the TF-IDF model as predict.py applies it),
+and (optionally) the best of an Optuna sweep, all on the same split.
 
     python bench/quality.py                          # the three data sets, default recipe
     python bench/quality.py --datasets ledger        # one of: ledger, new_vendors, debian
@@ -10,8 +11,9 @@ defaults, and (optionally) the best of an Optuna sweep, all on the same split.
 Data sets: `ledger` (the shipped sample, split by lorasweep), `new_vendors` (its variant whose
 validation/test vendors never appear in train), `debian` (Debian packages' one-line summaries ->
 archive section, real text; built by bench/bench_data.py from the apt lists, skipped if absent).
-The probe and TF-IDF rows come from the lorasweep run itself (every run fits both on its train
-split); the majority row predicts the train split's most frequent class for every test row.
+The probe, TF-IDF and blend rows come from the lorasweep run itself (every run fits the probe and
+the TF-IDF model on its train split, and picks the blend weight on validation); the majority row
+predicts the train split's most frequent class for every test row.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from bench_data import data_overrides
 
 DATASETS = {"ledger": [], "new_vendors": ["data=ledger_new_vendors"], "debian": None}
 ROWS = (("majority class", "majority"), ("TF-IDF + logistic regression", "baseline"),
-        ("frozen encoder + linear probe", "probe"), ("lorasweep defaults", "model"),
-        ("lorasweep sweep best", "sweep"))
+        ("frozen encoder + linear probe", "probe"), ("lorasweep defaults: model", "model"),
+        ("lorasweep defaults: blend", "blend"), ("lorasweep sweep best: model", "sweep"),
+        ("lorasweep sweep best: blend", "sweep_blend"))
 
 
 def parse_args(argv=None):
@@ -67,8 +70,8 @@ def default_run(overrides, work: str) -> dict:
     seconds = time.perf_counter() - started
     result = {"model": metrics["test_f1_macro"], "seconds": seconds,
               "majority": majority_f1(f"{work}/run"),
-              "best_epoch": metrics.get("best_epoch")}
-    for key in ("baseline", "probe"):
+              "best_epoch": metrics.get("best_epoch"), "blend_weight": metrics.get("blend_weight")}
+    for key in ("baseline", "probe", "blend"):
         result[key] = metrics.get(f"test_{key}_f1_macro")
     result["parts_seconds"] = {k: round(metrics[k], 1) for k in
                                ("probe_seconds", "baseline_seconds", "train_runtime")
@@ -87,8 +90,9 @@ def majority_f1(run_dir: str) -> float:
     return float(f1_score(truth, [majority] * len(truth), average="macro", zero_division=0))
 
 
-def sweep_best(overrides, trials: int, work: str) -> float:
-    """Test macro-F1 of the trial with the best objective (eval macro-F1) of an Optuna sweep."""
+def sweep_best(overrides, trials: int, work: str) -> tuple:
+    """Test macro-F1 of the trial with the best objective (eval macro-F1) of an Optuna sweep:
+    the model's, and its blend's."""
     sweep_dir = Path(work, "sweep")
     subprocess.run([sys.executable, str(ROOT / "src" / "lorasweep" / "train.py"), "-m",
                     "hparams_search=optuna_f1", f"hydra.sweeper.n_trials={trials}",
@@ -96,7 +100,8 @@ def sweep_best(overrides, trials: int, work: str) -> float:
                     f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, check=True)
     records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/trial.json")]
     best = max((r for r in records if r["status"] == "COMPLETE"), key=lambda r: r["objective"])
-    return json.loads(Path(best["run_dir"], "metrics.json").read_text())["test_f1_macro"]
+    metrics = json.loads(Path(best["run_dir"], "metrics.json").read_text())
+    return metrics["test_f1_macro"], metrics.get("test_blend_f1_macro")
 
 
 def format_table(results: dict) -> str:
@@ -110,8 +115,8 @@ def format_table(results: dict) -> str:
     lines.append(f"  {'defaults: run seconds':<32}"
                  + "".join(f"{results[n]['seconds']:>14.0f}" for n in names))
     for n in names:
-        lines.append(f"  {n}: best epoch {results[n]['best_epoch']}, seconds "
-                     f"{results[n]['parts_seconds']}")
+        lines.append(f"  {n}: best epoch {results[n]['best_epoch']}, blend model weight "
+                     f"{results[n]['blend_weight']}, seconds {results[n]['parts_seconds']}")
     return "\n".join(lines)
 
 
@@ -127,7 +132,8 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory(prefix=f"lorasweep-quality-{name}-") as work:
             results[name] = default_run(overrides, work)
             if args.sweep_trials:
-                results[name]["sweep"] = sweep_best(overrides, args.sweep_trials, work)
+                results[name]["sweep"], results[name]["sweep_blend"] = sweep_best(
+                    overrides, args.sweep_trials, work)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     print(format_table(results), flush=True)
 

@@ -35,7 +35,7 @@ def test_quality_bench_prints_every_system():
     out = run_bench("quality.py").stdout
     table = out[out.index("quality bench"):]
     for row in ("majority class", "TF-IDF + logistic regression", "frozen encoder + linear probe",
-                "lorasweep defaults"):
+                "lorasweep defaults: model", "lorasweep defaults: blend"):
         line = next(x for x in table.splitlines() if x.strip().startswith(row))
         assert float(line.split()[-1]) >= 0.0, line  # a measured number, not "not run"
     assert "lorasweep sweep best" in table and "not run" in table

@@ -9,10 +9,12 @@ that does not beat it has not earned its compute, and the run says so.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 import warnings
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from lorasweep.metrics import classification_metrics
 
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 # vocabulary of n-grams, and at that size a user has no doubt that fitting it is slow.
 MAX_TRAIN_ROWS = 200_000
 MAX_ITER = 300  # lbfgs iterations: bounds the solver's time; the warning at the cap is expected
+TFIDF_JSON = "tfidf.json"
+TFIDF_ARRAYS = "tfidf.npz"
 
 
 def build_tfidf_classifier():
@@ -38,11 +42,31 @@ def build_tfidf_classifier():
                                                        class_weight="balanced"))
 
 
+def fit_tfidf(texts: Sequence[str], labels: Sequence[int]):
+    """The fitted TF-IDF + logistic regression pipeline (lbfgs capped at MAX_ITER)."""
+    model = build_tfidf_classifier()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(lbfgs|max_iter|ITERATIONS).*")
+        model.fit(list(texts), list(labels))
+    return model
+
+
+def tfidf_probabilities(model, texts: Sequence[str], num_labels: int):
+    """(rows, num_labels) class probabilities; label slots train never had get 0."""
+    import numpy as np
+
+    probabilities = np.zeros((len(texts), num_labels), dtype=np.float64)
+    probabilities[:, model.classes_] = model.predict_proba(list(texts))
+    return probabilities
+
+
 def tfidf_baseline(train: Tuple[Sequence[str], Sequence[int]],
-                   scored: Dict[str, Tuple[Sequence[str], Sequence[int]]]
-                   ) -> Optional[Dict[str, float]]:
-    """Fit on `train` (texts, label ids); return `<prefix>_baseline_<metric>` for each scored
-    split (`{"eval": (texts, ids), "test": ...}`) and `baseline_seconds`."""
+                   scored: Dict[str, Tuple[Sequence[str], Sequence[int]]], num_labels: int
+                   ) -> Optional[Tuple[Dict[str, float], Any, Dict[str, Any]]]:
+    """Fit on `train` (texts, label ids); score each split of `scored` (`{"eval": (texts, ids),
+    "test": ...}`). Returns (`<prefix>_baseline_<metric>` for each split and
+    `baseline_seconds`, the fitted model, each split's class probabilities), or None when
+    skipped."""
     texts, labels = train
     if len(texts) > MAX_TRAIN_ROWS:
         log.info("baseline: skipped (%d train rows > %d); set baseline=none to silence this",
@@ -51,16 +75,75 @@ def tfidf_baseline(train: Tuple[Sequence[str], Sequence[int]],
     if len(set(labels)) < 2:
         return None
     started = time.perf_counter()
-    model = build_tfidf_classifier()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(lbfgs|max_iter|ITERATIONS).*")
-        model.fit(list(texts), list(labels))
+    model = fit_tfidf(texts, labels)
     metrics: Dict[str, float] = {}
+    probabilities = {}
     for prefix, (split_texts, split_labels) in scored.items():
-        predictions = model.predict(list(split_texts))
+        probabilities[prefix] = tfidf_probabilities(model, split_texts, num_labels)
+        predictions = probabilities[prefix].argmax(axis=-1)
         for name, value in classification_metrics(predictions, split_labels).items():
             metrics[f"{prefix}_baseline_{name}"] = value
     metrics["baseline_seconds"] = time.perf_counter() - started
     log.info("baseline: TF-IDF + logistic regression, eval macro-F1 %.4f (%.1f s)",
              metrics.get("eval_baseline_f1_macro", float("nan")), metrics["baseline_seconds"])
-    return metrics
+    return metrics, model, probabilities
+
+
+# What a fitted vectorizer needs to transform text again (the rest are fit-time settings).
+TRANSFORM_PARAMS = ("analyzer", "ngram_range", "lowercase", "strip_accents", "token_pattern",
+                    "norm", "use_idf", "smooth_idf", "sublinear_tf")
+
+
+def save_tfidf(model, directory: str) -> None:
+    """Write the fitted pipeline as JSON (vectorizer settings and vocabularies) + NumPy arrays
+    (idf, coefficients): no pickle, so loading a run dir never runs code from it."""
+    import numpy as np
+
+    union, classifier = model.steps[0][1], model.steps[-1][1]
+    arrays = {"coef": classifier.coef_, "intercept": classifier.intercept_,
+              "classes": classifier.classes_}
+    vectorizers = []
+    for i, (_, vectorizer) in enumerate(union.transformer_list):
+        params = vectorizer.get_params()
+        vocabulary = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.get)
+        vectorizers.append({"params": {k: params[k] for k in TRANSFORM_PARAMS},
+                            "vocabulary": vocabulary})
+        arrays[f"idf_{i}"] = vectorizer.idf_
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, TFIDF_JSON), "w") as fh:
+        json.dump({"vectorizers": vectorizers}, fh)
+    np.savez(os.path.join(directory, TFIDF_ARRAYS), **arrays)
+
+
+class SavedTfidf:
+    """A pipeline written by `save_tfidf`, read back: `predict_proba` as the fitted one."""
+
+    def __init__(self, directory: str):
+        import numpy as np
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        with open(os.path.join(directory, TFIDF_JSON)) as fh:
+            spec = json.load(fh)
+        with np.load(os.path.join(directory, TFIDF_ARRAYS)) as arrays:
+            self.coef, self.intercept = arrays["coef"], arrays["intercept"]
+            self.classes_ = arrays["classes"]
+            idfs = [arrays[f"idf_{i}"] for i in range(len(spec["vectorizers"]))]
+        self.vectorizers = []
+        for part, idf in zip(spec["vectorizers"], idfs):
+            params = dict(part["params"], ngram_range=tuple(part["params"]["ngram_range"]))
+            vectorizer = TfidfVectorizer(vocabulary=part["vocabulary"], dtype=np.float32,
+                                         **params)
+            vectorizer.idf_ = idf
+            self.vectorizers.append(vectorizer)
+
+    def predict_proba(self, texts: Sequence[str]):
+        import numpy as np
+        import scipy.sparse as sp
+        from scipy.special import expit, softmax
+
+        features = sp.hstack([v.transform(list(texts)) for v in self.vectorizers]).tocsr()
+        scores = np.asarray(features @ self.coef.T) + self.intercept
+        if self.coef.shape[0] == 1:  # binary: one row of coefficients for the second class
+            positive = expit(scores[:, 0])
+            return np.stack([1.0 - positive, positive], axis=1)
+        return softmax(scores, axis=1)

@@ -207,6 +207,10 @@ class TrainConfig:
     # tfidf: fit TF-IDF + logistic regression on the same train split and report it beside the
     # model (eval_baseline_*, test_baseline_*); none: skip
     baseline: str = "tfidf"
+    # With the baseline: also score the model blended with it (p_model**w * p_tfidf**(1-w), w
+    # chosen on validation; eval_blend_*, test_blend_*, blend_weight) and save the blend in
+    # blend/, which predict.py applies. false: the model alone.
+    blend: bool = True
     # debug: lorasweep's debug lines and all the library output it otherwise keeps quiet
     log_level: str = "info"
     log_all_ranks: bool = False  # ranks other than 0 log warnings and errors only, unless true

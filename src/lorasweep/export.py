@@ -7,6 +7,8 @@
 
 The dir also holds lorasweep_serialization.json: the text columns, separator, etc. that turn a
 table row into the model's input text (lorasweep.serialization.serialize_row), and the max_length.
+The run's blend with its TF-IDF baseline (blend/) is not part of the export: a transformers model
+cannot hold it. predict.py on the run dir applies it.
 """
 
 import os
@@ -81,7 +83,8 @@ def export_run(cfg) -> Dict[str, Any]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"output": os.path.abspath(output), "model_class": type(model).__name__,
-            "num_labels": len(label_map.labels)}
+            "num_labels": len(label_map.labels),
+            "has_blend": os.path.isdir(os.path.join(run_dir, outputs.BLEND_DIR))}
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
@@ -89,6 +92,9 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
     summary = exit_2_on_user_error(export_run, cfg)
     print(f"lorasweep: exported {summary['model_class']} ({summary['num_labels']} labels) "
           f"to {summary['output']}", flush=True)
+    if summary["has_blend"]:
+        print("  the model alone: the run's blend with its TF-IDF baseline is not exported "
+              "(predict.py on the run dir applies it)", flush=True)
     return summary
 
 

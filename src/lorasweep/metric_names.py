@@ -11,8 +11,9 @@ from typing import List, Sequence
 METRIC_NAMES = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro")
 # What the Trainer adds for an evaluated split, beside the metrics above.
 TRAINER_SPLIT_METRICS = ("loss", "runtime", "samples_per_second", "steps_per_second")
-# Scored models per split: the fine-tuned one, the TF-IDF baseline, the probe head.
-SCORED_VARIANTS = ("", "baseline_", "probe_")
+# Scored models per split: the fine-tuned one, the TF-IDF baseline, the probe head, the blend of
+# the model with the baseline.
+SCORED_VARIANTS = ("", "baseline_", "probe_", "blend_")
 HIERARCHY_METRIC_NAMES = ("accuracy", "f1_macro")  # per prefix, from hierarchy_metrics
 
 

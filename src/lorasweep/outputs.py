@@ -1,6 +1,6 @@
 """The layout of a run dir and its file helpers; runs.py reads a finished run back from it.
 
-    <run_dir>/adapter/  (or model/ with lora=none)   tokenizer/   label_map.json
+    <run_dir>/adapter/  (or model/ with lora=none)   tokenizer/   label_map.json   blend/
              model_metadata.json  dataset_metadata.json  metrics.json  config.yaml  .hydra/
              checkpoints/checkpoint-<step>/
 """
@@ -18,6 +18,7 @@ from lorasweep.redaction import masked_container
 ADAPTER_DIR = "adapter"
 FULL_MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
+BLEND_DIR = "blend"  # the TF-IDF model and the blend weight (blend.py)
 CHECKPOINT_DIR = "checkpoints"
 LABEL_MAP = "label_map.json"
 METRICS = "metrics.json"

@@ -1,7 +1,8 @@
 """One training run, start to finish: `run(cfg) -> metrics`. Works without Hydra (tests call it).
 
 check config -> tracker -> DeepSpeed dict -> set_up (TrainingArguments, data, model, head warm
-start, LoRA, Trainer) -> fit (train, best epoch, evaluate, save, baseline) -> finish (files, MLflow)
+start, LoRA, Trainer) -> fit (train, best epoch, evaluate, save, baseline, blend) -> finish (files,
+MLflow)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers import DataCollatorWithPadding, Trainer, set_seed
 
 from lorasweep import __version__, distributed, outputs, reports
 from lorasweep.baseline import tfidf_baseline
+from lorasweep.blend import blend_metrics, save_blend
 from lorasweep.console import silence_library_noise
 from lorasweep.data import PreparedData, format_diagnostics, prepare_data
 from lorasweep.deepspeed_config import (build_deepspeed_config, count_model_parameters,
@@ -76,16 +78,16 @@ def run(cfg: DictConfig, overrides: tuple = ()) -> Dict[str, Any]:
 
 
 def run_summary(metrics: Dict[str, Any], cfg: DictConfig, tracker: Tracker) -> str:
-    """The closing table: the model beside the probe and TF-IDF baselines, the objective, the
-    verdict against the baseline, where the outputs went."""
+    """The closing table: the model beside the probe and TF-IDF baselines and the blend, the
+    objective, the verdict against the baseline, where the outputs went."""
     systems = [("model", "")] + [(label, infix) for label, infix in COMPARED
                                  if f"eval_{infix}f1_macro" in metrics]
-    header = "".join(f"{f'{label} val':>14}{f'{label} test':>14}" for label, _ in systems)
+    header = "".join(f"{f'{label} val':>12}{f'{label} test':>12}" for label, _ in systems)
     lines = ["", f"lorasweep: run finished in {metrics['wall_time_s']:.0f} s",
              f"  {'metric':<18}{header}"]
     for name in (*METRIC_NAMES, "loss"):
-        cells = "".join(f"{metrics.get(f'eval_{infix}{name}', float('nan')):>14.4f}"
-                        f"{metrics.get(f'test_{infix}{name}', float('nan')):>14.4f}"
+        cells = "".join(f"{metrics.get(f'eval_{infix}{name}', float('nan')):>12.4f}"
+                        f"{metrics.get(f'test_{infix}{name}', float('nan')):>12.4f}"
                         for _, infix in systems)
         lines.append(f"  {name:<18}{cells}")
     best = metrics.get("best_epoch")
@@ -94,6 +96,10 @@ def run_summary(metrics: Dict[str, Any], cfg: DictConfig, tracker: Tracker) -> s
     verdict = baseline_verdict(metrics, cfg.objective.metric)
     if verdict:
         lines.append(f"  {verdict}")
+    if "blend_weight" in metrics:
+        lines.append(f"  blend: model weight {metrics['blend_weight']:.1f}, TF-IDF "
+                     f"{1 - metrics['blend_weight']:.1f} (chosen on validation); predict.py "
+                     "applies it, predict.py blend=false gives the model alone")
     lines.append(f"  outputs: {os.path.abspath(cfg.output_dir)}")
     if tracker.problem:
         lines.append(f"  WARNING: nothing was logged to MLflow: {tracker.problem}")
@@ -106,14 +112,14 @@ def run_summary(metrics: Dict[str, Any], cfg: DictConfig, tracker: Tracker) -> s
 
 
 # The systems every run is compared with, as (column label, metric-name infix).
-COMPARED = (("probe", "probe_"), ("tfidf", "baseline_"))
+COMPARED = (("blend", "blend_"), ("probe", "probe_"), ("tfidf", "baseline_"))
 
 
 def baseline_verdict(metrics: Dict[str, Any], objective: str) -> Optional[str]:
     """One line when the model's objective is below the TF-IDF baseline's on the same split."""
     prefix, _, name = objective.partition("_")
     ours, theirs = metrics.get(objective), metrics.get(f"{prefix}_baseline_{name}")
-    if ours is None or theirs is None or "baseline_" in objective or "probe_" in objective:
+    if ours is None or theirs is None or any(f"_{infix}" in objective for _, infix in COMPARED):
         return None
     lower_is_better = name == "loss"
     if (ours < theirs) != lower_is_better and ours != theirs:
@@ -133,6 +139,7 @@ class Recipe:
     resume_from: Optional[str]
     comparison: Dict[str, float]  # the probe's scores (warm start); the baseline's join later
     rank_zero: bool
+    tfidf: Any = None  # the fitted TF-IDF baseline, when the run blends with it (rank 0)
 
 
 def train_and_save(cfg: DictConfig, tracker: Tracker,
@@ -190,7 +197,16 @@ def fit(cfg: DictConfig, recipe: Recipe) -> tuple[Dict[str, Any], Dict[str, np.n
     test_metrics, test_probs = evaluate_split(trainer, data.tokenized["test"], "test")
     save_model(trainer, cfg.output_dir, recipe.tokenizer, cfg.lora.enable)
     if recipe.rank_zero and cfg.baseline == "tfidf":
-        recipe.comparison.update(baseline_metrics(data) or {})
+        fitted = baseline_metrics(data)
+        if fitted is not None:
+            baseline, tfidf_model, tfidf_probs = fitted
+            recipe.comparison.update(baseline)
+            if cfg.blend:
+                labels = {prefix: data.tokenized[split]["labels"]
+                          for prefix, split in (("eval", "validation"), ("test", "test"))}
+                recipe.comparison.update(blend_metrics({"eval": eval_probs, "test": test_probs},
+                                                       tfidf_probs, labels, cfg.objective.metric))
+                recipe.tfidf = tfidf_model
     metrics = {**train_result.metrics, **eval_metrics, **test_metrics, **recipe.comparison,
                "best_epoch": best_epoch(trainer),
                "resumed_from_step": _checkpoint_step(recipe.resume_from)}
@@ -208,6 +224,7 @@ def finish(cfg: DictConfig, recipe: Recipe, tracker: Tracker, ds_config: Optiona
     serializer matching its model."""
     run_dir, data, labels = cfg.output_dir, recipe.data, recipe.data.label_map.labels
     write_data_files(cfg, data, run_dir)
+    save_blend(run_dir, recipe.tfidf, metrics.get("blend_weight"))
     outputs.write_json(run_dir, outputs.METRICS, metrics)
     outputs.write_json(run_dir, outputs.MODEL_METADATA,
                        model_metadata(cfg, recipe.trainer, ds_config, recipe.base_path))
@@ -235,15 +252,17 @@ def warm_start(cfg: DictConfig, model, data: PreparedData, tokenizer, loss_fn,
                            cfg.training.per_device_eval_batch_size)
 
 
-def baseline_metrics(data: PreparedData) -> Optional[Dict[str, float]]:
-    """TF-IDF + logistic regression on the same split's serialized text (rank 0 only)."""
+def baseline_metrics(data: PreparedData):
+    """TF-IDF + logistic regression on the same split's serialized text (rank 0 only): its
+    metrics, the fitted model and its eval/test probabilities; None when skipped."""
     if data.serialization.get("pretokenized"):
         log.info("baseline: skipped, a tokenized DatasetDict has no train text to fit it on")
         return None
     label_ids = {split: data.tokenized[split]["labels"] for split in SPLITS}
     return tfidf_baseline((data.texts("train"), label_ids["train"]),
                           {"eval": (data.texts("validation"), label_ids["validation"]),
-                           "test": (data.texts("test"), label_ids["test"])})
+                           "test": (data.texts("test"), label_ids["test"])},
+                          len(data.label_map.labels))
 
 
 def _checkpoint_step(path) -> int:
@@ -287,7 +306,8 @@ def log_artifacts(tracker: Tracker, cfg: DictConfig, run_dir: str, report_files)
     for path in report_files:
         tracker.log_artifact(path, artifact_path="reports")
     if cfg.tracking.log_model:
-        for name in (outputs.ADAPTER_DIR, outputs.FULL_MODEL_DIR, outputs.TOKENIZER_DIR):
+        for name in (outputs.ADAPTER_DIR, outputs.FULL_MODEL_DIR, outputs.TOKENIZER_DIR,
+                     outputs.BLEND_DIR):
             tracker.log_artifact(os.path.join(run_dir, name), artifact_path=name)
 
 

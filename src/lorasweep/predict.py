@@ -5,6 +5,8 @@
 
 Each output row is its input row plus pred_label, pred_score and top1_label, top1_score, ...
 Input rows are serialized with the same function and settings as the run's training rows.
+A run that saved a blend (blend/: the model with its TF-IDF baseline) predicts with the blend;
+blend=false gives the fine-tuned model alone.
 """
 
 import os
@@ -38,6 +40,7 @@ class PredictConfig:
     max_length: Optional[int] = None  # None: the run's data.max_length
     device: str = "auto"  # auto: cuda when available; or cpu, cuda
     progress: bool = True
+    blend: bool = True  # the run's blend with its TF-IDF baseline, when it saved one
 
 
 ConfigStore.instance().store(name="base_predict", node=PredictConfig)
@@ -80,8 +83,10 @@ def top_k_frame(probabilities, labels: List[str], top_k: int):
 
 
 def predict_table(model, tokenizer, labels: List[str], settings: Dict[str, Any], table,
-                  max_length: int, batch_size: int = 64, top_k: int = 3, progress: bool = False):
-    """The input rows (a `datasets.Dataset`) as a DataFrame, plus the prediction columns."""
+                  max_length: int, batch_size: int = 64, top_k: int = 3, progress: bool = False,
+                  blend=None):
+    """The input rows (a `datasets.Dataset`) as a DataFrame, plus the prediction columns.
+    `blend`: a `SavedBlend` to combine the model's probabilities with, or None."""
     import pandas as pd
 
     from lorasweep.serialization import serialize_batch
@@ -90,6 +95,8 @@ def predict_table(model, tokenizer, labels: List[str], settings: Dict[str, Any],
     texts = serialize_batch(table.to_dict(), settings)
     probabilities = predict_probabilities(model, tokenizer, texts, max_length, batch_size,
                                           progress=progress)
+    if blend is not None:
+        probabilities = blend.apply(texts, probabilities)
     frame = table.to_pandas()
     predictions = top_k_frame(probabilities, labels, top_k)
     # Prediction columns replace same-named input columns (e.g. re-scoring a predictions file).
@@ -148,6 +155,7 @@ def pick_device(name: str):
 
 def predict_file(cfg) -> Dict[str, Any]:
     """Read `cfg.input`, predict with the run in `cfg.run_dir`, write `cfg.output`; a summary."""
+    from lorasweep.blend import SavedBlend
     from lorasweep.tables import read_table
 
     validate_request(cfg)
@@ -163,16 +171,23 @@ def predict_file(cfg) -> Dict[str, Any]:
     model, tokenizer, label_map, run_cfg = runs.load_for_inference(cfg.run_dir)
     model.to(pick_device(cfg.device))
     max_length = cfg.max_length or run_cfg.data.max_length
+    blend = None
+    if cfg.blend and SavedBlend.exists(cfg.run_dir):
+        blend = SavedBlend(cfg.run_dir)
     frame = predict_table(model, tokenizer, label_map.labels, settings, table, max_length,
-                          cfg.batch_size, cfg.top_k, cfg.progress)
+                          cfg.batch_size, cfg.top_k, cfg.progress, blend)
     write_table(frame, cfg.output)
     return {"rows": len(frame), "output": os.path.abspath(cfg.output),
+            "blend_weight": blend.weight if blend is not None else None,
             "metrics": label_metrics(frame, run_cfg.data.label_column, label_map.labels),
             "label_column": run_cfg.data.label_column}
 
 
 def format_summary(summary: Dict[str, Any]) -> str:
     lines = [f"lorasweep: wrote {summary['rows']} predictions to {summary['output']}"]
+    if summary.get("blend_weight") is not None:
+        lines.append(f"  the model blended with the run's TF-IDF baseline (model weight "
+                     f"{summary['blend_weight']:.1f}); blend=false: the model alone")
     metrics = summary["metrics"]
     if metrics:
         unknown = (f", {metrics['unknown_labels']} with labels the run never saw"

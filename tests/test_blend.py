@@ -1,0 +1,133 @@
+"""The model blended with its TF-IDF baseline: the saved TF-IDF model predicts what the fitted one
+did, the weight is chosen on validation, and a real run saves a blend that predict.py applies."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import ROOT, SAMPLE, SMOKE, cli_env, run_train
+from lorasweep.baseline import SavedTfidf, fit_tfidf, save_tfidf
+from lorasweep.blend import BLEND_JSON, SavedBlend, blend_probabilities, choose_weight, save_blend
+from lorasweep.outputs import BLEND_DIR
+
+TEXTS = ["vendor: Acme Corp, memo: office chairs", "vendor: Globex, memo: cloud hosting",
+         "vendor: Initech, memo: printer paper", "vendor: Acme Corp, memo: desk lamps",
+         "vendor: Hooli, memo: server rental", "vendor: Initech, memo: toner cartridges"] * 3
+UNSEEN = ["vendor: Umbrella, memo: office desks", "cloud", "", "zzz qqq"]
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 2, 0, 1, 2] * 3, [0, 1, 1, 0, 1, 0] * 3],
+                         ids=["three-classes", "two-classes"])
+def test_the_saved_tfidf_model_predicts_what_the_fitted_one_does(labels, tmp_path):
+    fitted = fit_tfidf(TEXTS, labels)
+    save_tfidf(fitted, str(tmp_path))
+    assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob("*.joblib"))
+    loaded = SavedTfidf(str(tmp_path))
+    np.testing.assert_allclose(loaded.predict_proba(UNSEEN + TEXTS),
+                               fitted.predict_proba(UNSEEN + TEXTS), rtol=1e-6, atol=1e-9)
+    assert list(loaded.classes_) == list(fitted.classes_)
+
+
+def test_the_ends_of_the_weight_are_the_two_models():
+    rng = np.random.default_rng(0)
+    model, tfidf = rng.dirichlet(np.ones(5), 50), rng.dirichlet(np.ones(5), 50)
+    np.testing.assert_allclose(blend_probabilities(model, tfidf, 1.0), model, atol=1e-8)
+    np.testing.assert_allclose(blend_probabilities(model, tfidf, 0.0), tfidf, atol=1e-8)
+    mixed = blend_probabilities(model, tfidf, 0.4)
+    np.testing.assert_allclose(mixed.sum(axis=1), 1.0)
+    # a class the baseline gives probability 0 (never seen in train) stays finite and possible
+    tfidf[:, 0] = 0.0
+    assert np.isfinite(blend_probabilities(model, tfidf, 0.5)).all()
+
+
+def confident(classes, rows_per_class, n, wrong_for, rng):
+    """Probabilities sure of the right class, except for rows of `wrong_for` classes, where the
+    next class gets a slight edge."""
+    labels = np.repeat(np.arange(classes), rows_per_class)
+    probs = rng.uniform(0.0, 0.02, (len(labels), n))
+    for row, label in enumerate(labels):
+        if label in wrong_for:
+            probs[row, label], probs[row, (label + 1) % classes] = 0.40, 0.45
+        else:
+            probs[row, label] = 0.95
+    return probs / probs.sum(axis=1, keepdims=True), labels
+
+
+def test_the_weight_chosen_on_validation_beats_either_model_alone():
+    """Each model is unsure where the other is sure: a weight strictly inside (0, 1) gets every
+    row right, which neither end does."""
+    rng = np.random.default_rng(1)
+    model, labels = confident(4, 10, 4, wrong_for={2, 3}, rng=rng)
+    tfidf, _ = confident(4, 10, 4, wrong_for={0, 1}, rng=rng)
+    weight = choose_weight(model, tfidf, labels, "eval_f1_macro")
+    assert 0.0 < weight < 1.0
+    assert (blend_probabilities(model, tfidf, weight).argmax(1) == labels).all()
+    assert (model.argmax(1) == labels).mean() == 0.5 and (tfidf.argmax(1) == labels).mean() == 0.5
+    # the model alone is chosen when the baseline adds nothing (ties go to the model)
+    assert choose_weight(model, model.copy(), labels, "eval_accuracy") == 1.0
+
+
+def test_a_run_without_a_blend_removes_the_one_an_earlier_run_left(tmp_path):
+    save_blend(str(tmp_path), fit_tfidf(TEXTS, [0, 1, 2] * 6), 0.3)
+    assert json.loads((tmp_path / BLEND_DIR / BLEND_JSON).read_text()) == {"model_weight": 0.3}
+    assert SavedBlend.exists(str(tmp_path))
+    save_blend(str(tmp_path), None, None)
+    assert not (tmp_path / BLEND_DIR).exists() and not SavedBlend.exists(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # no temp dir left behind
+
+
+@pytest.mark.slow
+def test_a_run_saves_the_blend_it_scored_and_predict_applies_it(tmp_path):
+    """A real run with the baseline: blend metrics in metrics.json and the closing table; the
+    saved blend, applied to the reloaded model's validation probabilities, scores exactly what
+    the run reported; predict.py uses it by default and blend=false gives the model alone."""
+    from lorasweep.inference import predict_probabilities
+    from lorasweep.metrics import classification_metrics
+    from lorasweep.runs import load_for_inference
+
+    run = tmp_path / "run"
+    proc = run_train([*SMOKE, "baseline=tfidf", f"hydra.run.dir={run}",
+                      f"data.cache_dir={tmp_path / 'cache'}"], check=True)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["blend_weight"] <= 1.0
+    assert metrics["eval_blend_f1_macro"] >= max(metrics["eval_f1_macro"],
+                                                 metrics["eval_baseline_f1_macro"]) - 1e-12
+    assert "blend test" in proc.stdout and "blend: model weight" in proc.stdout
+
+    model, tokenizer, label_map, cfg = load_for_inference(str(run))
+    saved = pd.read_csv(run / "reports" / "predictions_validation.csv", dtype={"label": str})
+    texts = saved["text"].tolist()
+    blend = SavedBlend(str(run))
+    assert blend.weight == metrics["blend_weight"]
+    blended = blend.apply(texts, predict_probabilities(model, tokenizer, texts,
+                                                       cfg.data.max_length))
+    truth = [label_map.label2id[label] for label in saved["label"]]
+    scored = classification_metrics(blended.argmax(1), truth)
+    assert scored["f1_macro"] == pytest.approx(metrics["eval_blend_f1_macro"])
+
+    rows = pd.read_parquet(SAMPLE).head(30)
+    rows.to_parquet(tmp_path / "rows.parquet", index=False)
+    outputs = {}
+    for name, extra in (("blend", []), ("model", ["blend=false"])):
+        out = tmp_path / f"{name}.parquet"
+        proc = subprocess.run([sys.executable, str(ROOT / "src" / "lorasweep" / "predict.py"),
+                               f"run_dir={run}", f"input={tmp_path / 'rows.parquet'}",
+                               f"output={out}", *extra], env=cli_env(), capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("blended with the run's TF-IDF baseline" in proc.stdout) == (name == "blend")
+        outputs[name] = pd.read_parquet(out)
+    from lorasweep.serialization import serialize_batch
+    from lorasweep.runs import run_serialization
+
+    texts = serialize_batch(rows.to_dict(orient="list"), run_serialization(str(run), cfg))
+    alone = predict_probabilities(model, tokenizer, texts, cfg.data.max_length)
+    np.testing.assert_allclose(outputs["model"]["pred_score"], alone.max(1), atol=1e-6)
+    np.testing.assert_allclose(outputs["blend"]["pred_score"],
+                               blend.apply(texts, alone).max(1), atol=1e-6)
