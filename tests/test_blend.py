@@ -131,3 +131,15 @@ def test_a_run_saves_the_blend_it_scored_and_predict_applies_it(tmp_path):
     np.testing.assert_allclose(outputs["model"]["pred_score"], alone.max(1), atol=1e-6)
     np.testing.assert_allclose(outputs["blend"]["pred_score"],
                                blend.apply(texts, alone).max(1), atol=1e-6)
+
+
+def test_a_tfidf_model_too_large_to_save_is_not_blended(monkeypatch, caplog):
+    from lorasweep import blend
+
+    fitted = fit_tfidf(TEXTS, [0, 1, 2] * 6)
+    assert fitted.steps[-1][1].coef_.dtype == np.float32  # what is scored is what is saved
+    assert blend.blend_fits(fitted)
+    monkeypatch.setattr(blend, "MAX_BLEND_BYTES", fitted.steps[-1][1].coef_.nbytes - 1)
+    with caplog.at_level("INFO", logger="lorasweep.blend"):
+        assert not blend.blend_fits(fitted)
+    assert "blend: skipped" in caplog.text

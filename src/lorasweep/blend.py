@@ -20,7 +20,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from lorasweep.baseline import SavedTfidf, save_tfidf, tfidf_probabilities
+from lorasweep.baseline import SavedTfidf, save_tfidf, tfidf_probabilities, tfidf_size_bytes
 from lorasweep.outputs import BLEND_DIR
 from lorasweep.metric_names import METRIC_NAMES
 from lorasweep.metrics import classification_metrics
@@ -30,6 +30,18 @@ log = logging.getLogger(__name__)
 BLEND_JSON = "blend.json"
 WEIGHTS = np.round(np.linspace(0.0, 1.0, 11), 2)  # the model's weight; 0 = TF-IDF alone
 EPSILON = 1e-9  # a probability of exactly 0 (a class the baseline never saw) stays finite
+# Above this size of the TF-IDF model (classes x n-gram features x 4 bytes) the run does not
+# blend: blend/ would outweigh the model many times over (53 classes and 4,000 short rows: 8 MB).
+MAX_BLEND_BYTES = 256 * 2**20
+
+
+def blend_fits(tfidf_model) -> bool:
+    size = tfidf_size_bytes(tfidf_model)
+    if size > MAX_BLEND_BYTES:
+        log.info("blend: skipped, the TF-IDF model would take %d MB on disk (> %d MB); the run "
+                 "reports the baseline beside the model", size // 2**20, MAX_BLEND_BYTES // 2**20)
+        return False
+    return True
 
 
 def blend_probabilities(model: np.ndarray, tfidf: np.ndarray, weight: float) -> np.ndarray:

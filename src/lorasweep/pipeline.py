@@ -22,7 +22,7 @@ from transformers import DataCollatorWithPadding, Trainer, set_seed
 
 from lorasweep import __version__, distributed, outputs, reports
 from lorasweep.baseline import tfidf_baseline
-from lorasweep.blend import blend_metrics, save_blend
+from lorasweep.blend import blend_fits, blend_metrics, save_blend
 from lorasweep.console import silence_library_noise
 from lorasweep.data import PreparedData, format_diagnostics, prepare_data
 from lorasweep.deepspeed_config import (build_deepspeed_config, count_model_parameters,
@@ -201,7 +201,7 @@ def fit(cfg: DictConfig, recipe: Recipe) -> tuple[Dict[str, Any], Dict[str, np.n
         if fitted is not None:
             baseline, tfidf_model, tfidf_probs = fitted
             recipe.comparison.update(baseline)
-            if cfg.blend:
+            if cfg.blend and blend_fits(tfidf_model):
                 labels = {prefix: data.tokenized[split]["labels"]
                           for prefix, split in (("eval", "validation"), ("test", "test"))}
                 recipe.comparison.update(blend_metrics({"eval": eval_probs, "test": test_probs},
