@@ -79,6 +79,7 @@ BAD = [
     (["data.val_size=0"], "data.val_size=0: expected > 0"),
     (["objective.metric=eval_nonexistent"], "objective.metric='eval_nonexistent'"),
     (["objective.metric=test_prefix2_accuracy"], "metrics.hierarchy_prefixes"),
+    (["objective.metric=eval_blend_f1_macro", "baseline=none"], "needs the TF-IDF baseline"),
     # the N-rank path: checked here, so no launcher (and no rank) starts
     (["lora.r=-1", "distributed.nproc_per_node=2"], "lora.r=-1"),
     (["distributed.launcher=mpirun", "distributed.nproc_per_node=2"], "distributed.launcher"),

@@ -336,7 +336,13 @@ def _split_size_errors(data_cfg) -> List[str]:
 def _objective_errors(cfg: DictConfig) -> List[str]:
     from lorasweep.metric_names import run_metric_names
 
-    if cfg.objective.metric in run_metric_names(cfg.metrics.hierarchy_prefixes):
+    metric = cfg.objective.metric
+    if metric in run_metric_names(cfg.metrics.hierarchy_prefixes):
+        if ("_baseline_" in metric or "_blend_" in metric) and cfg.baseline == "none":
+            return [f"objective.metric={metric!r}: needs the TF-IDF baseline (baseline=tfidf), "
+                    "not baseline=none"]
+        if "_blend_" in metric and not cfg.blend:
+            return [f"objective.metric={metric!r}: needs blend=true"]
         return []
     hint = ("; test_prefix<N>_* needs N in metrics.hierarchy_prefixes"
             if "prefix" in cfg.objective.metric else "")
