@@ -4,7 +4,8 @@ Word 1-2-grams and character 3-5-grams (within word boundaries) over the seriali
 a class-balanced multinomial logistic regression (C=10) on them (balanced: +0.07 test
 macro-F1 on a 53-class long-tailed set, the same elsewhere), scored on validation and test with the same
 metrics as the model. It is what a user writes in ten lines of scikit-learn; a fine-tuned model
-that does not beat it has not earned its compute, and the run says so.
+that does not beat it has not earned its compute, and the run says so. The fitted model is also
+half of the run's blend (blend.py), saved and read back here without pickle.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def build_tfidf_classifier():
 
 def fit_tfidf(texts: Sequence[str], labels: Sequence[int]):
     """The fitted TF-IDF + logistic regression pipeline (lbfgs capped at MAX_ITER). Its
-    coefficients are kept as float32, like the features: half the size on disk, and the model
-    that is scored is exactly the one that is saved."""
+    coefficients are float32, like the features (scikit-learn fits in the features' dtype; the
+    cast makes sure): the model that is scored is exactly the one that is saved."""
     import numpy as np
 
     model = build_tfidf_classifier()

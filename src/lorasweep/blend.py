@@ -31,7 +31,7 @@ BLEND_JSON = "blend.json"
 WEIGHTS = np.round(np.linspace(0.0, 1.0, 11), 2)  # the model's weight; 0 = TF-IDF alone
 EPSILON = 1e-9  # a probability of exactly 0 (a class the baseline never saw) stays finite
 # Above this size of the TF-IDF model (classes x n-gram features x 4 bytes) the run does not
-# blend: blend/ would outweigh the model many times over (53 classes and 4,000 short rows: 8 MB).
+# blend: blend/ would outweigh the model many times over (53 classes and 4,000 short rows: 15 MB).
 MAX_BLEND_BYTES = 256 * 2**20
 
 
