@@ -97,9 +97,10 @@ def run_summary(metrics: Dict[str, Any], cfg: DictConfig, tracker: Tracker) -> s
     if verdict:
         lines.append(f"  {verdict}")
     if "blend_weight" in metrics:
-        lines.append(f"  blend: model weight {metrics['blend_weight']:.1f}, TF-IDF "
-                     f"{1 - metrics['blend_weight']:.1f} (chosen on validation); predict.py "
-                     "applies it, predict.py blend=false gives the model alone")
+        weight = metrics["blend_weight"]
+        alone = " (the model adds nothing: TF-IDF alone)" if weight == 0 else ""
+        lines.append(f"  blend: model weight {weight:.1f}, TF-IDF {1 - weight:.1f}{alone}, chosen "
+                     "on validation; predict.py applies it, blend=false there: the model alone")
     lines.append(f"  outputs: {os.path.abspath(cfg.output_dir)}")
     if tracker.problem:
         lines.append(f"  WARNING: nothing was logged to MLflow: {tracker.problem}")
