@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -104,6 +105,52 @@ def assert_reload_reproduces_predictions(run_dir: Path) -> None:
                                   batch_size=16)
     assert [label_map.labels[i] for i in probs.argmax(-1)] == saved["pred_label"].tolist()
     np.testing.assert_allclose(probs.max(-1), saved["pred_score"], rtol=1e-4, atol=1e-5)
+
+
+def assert_saved_blend_reproduces_the_run(run_dir: Path) -> None:
+    """The run's blend/ applied to the reloaded model's validation probabilities scores exactly
+    the eval_blend_f1_macro the run reported; predict.py applies it by default (one CLI call),
+    and blend=false gives the model alone."""
+    from omegaconf import OmegaConf
+
+    from lorasweep.blend import SavedBlend
+    from lorasweep.inference import predict_probabilities
+    from lorasweep.metrics import classification_metrics
+    from lorasweep.predict import PredictConfig, predict_file
+    from lorasweep.runs import load_for_inference, run_serialization
+    from lorasweep.serialization import serialize_batch
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    model, tokenizer, label_map, cfg = load_for_inference(str(run_dir))
+    saved = pd.read_csv(run_dir / "reports" / "predictions_validation.csv", dtype={"label": str})
+    blend = SavedBlend(str(run_dir))
+    assert blend.weight == metrics["blend_weight"]
+    texts = saved["text"].tolist()
+    blended = blend.apply(texts, predict_probabilities(model, tokenizer, texts,
+                                                       cfg.data.max_length))
+    truth = [label_map.label2id[label] for label in saved["label"]]
+    scored = classification_metrics(blended.argmax(1), truth)
+    assert scored["f1_macro"] == pytest.approx(metrics["eval_blend_f1_macro"])
+
+    rows = pd.read_parquet(SAMPLE).head(30)
+    rows.to_parquet(run_dir.parent / "rows.parquet", index=False)
+    texts = serialize_batch(rows.to_dict(orient="list"), run_serialization(str(run_dir), cfg))
+    alone = predict_probabilities(model, tokenizer, texts, cfg.data.max_length)
+    out = run_dir.parent / "blended.parquet"
+    proc = subprocess.run([sys.executable, str(ROOT / "src" / "lorasweep" / "predict.py"),
+                           f"run_dir={run_dir}", f"input={run_dir.parent / 'rows.parquet'}",
+                           f"output={out}"], cwd=ROOT, env=cli_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "blended with the run's TF-IDF baseline" in proc.stdout
+    np.testing.assert_allclose(pd.read_parquet(out)["pred_score"],
+                               blend.apply(texts, alone).max(1), atol=1e-6)
+    request = OmegaConf.merge(OmegaConf.structured(PredictConfig), {
+        "run_dir": str(run_dir), "input": str(run_dir.parent / "rows.parquet"),
+        "output": str(run_dir.parent / "alone.parquet"), "blend": False, "progress": False})
+    assert predict_file(request)["blend_weight"] is None
+    np.testing.assert_allclose(pd.read_parquet(run_dir.parent / "alone.parquet")["pred_score"],
+                               alone.max(1), atol=1e-6)
 
 
 def save_tokenized_dataset_dict(path, tokenizer, rows=300, max_token=None):

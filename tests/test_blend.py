@@ -1,17 +1,14 @@
 """The model blended with its TF-IDF baseline: the saved TF-IDF model predicts what the fitted one
-did, the weight is chosen on validation, and a real run saves a blend that predict.py applies."""
+did, the weight is chosen on validation. A real run's blend, saved and applied by predict.py:
+`assert_saved_blend_reproduces_the_run` (conftest.py), in test_warmstart.py's baseline run."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from conftest import ROOT, SAMPLE, SMOKE, cli_env, run_train
 from lorasweep.baseline import SavedTfidf, fit_tfidf, save_tfidf
 from lorasweep.blend import BLEND_JSON, SavedBlend, blend_probabilities, choose_weight, save_blend
 from lorasweep.outputs import BLEND_DIR
@@ -80,58 +77,6 @@ def test_a_run_without_a_blend_removes_the_one_an_earlier_run_left(tmp_path):
     save_blend(str(tmp_path), None, None)
     assert not (tmp_path / BLEND_DIR).exists() and not SavedBlend.exists(str(tmp_path))
     assert list(tmp_path.iterdir()) == []  # no temp dir left behind
-
-
-@pytest.mark.slow
-def test_a_run_saves_the_blend_it_scored_and_predict_applies_it(tmp_path):
-    """A real run with the baseline: blend metrics in metrics.json and the closing table; the
-    saved blend, applied to the reloaded model's validation probabilities, scores exactly what
-    the run reported; predict.py uses it by default and blend=false gives the model alone."""
-    from lorasweep.inference import predict_probabilities
-    from lorasweep.metrics import classification_metrics
-    from lorasweep.runs import load_for_inference
-
-    run = tmp_path / "run"
-    proc = run_train([*SMOKE, "baseline=tfidf", f"hydra.run.dir={run}",
-                      f"data.cache_dir={tmp_path / 'cache'}"], check=True)
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert 0.0 <= metrics["blend_weight"] <= 1.0
-    assert metrics["eval_blend_f1_macro"] >= max(metrics["eval_f1_macro"],
-                                                 metrics["eval_baseline_f1_macro"]) - 1e-12
-    assert "blend test" in proc.stdout and "blend: model weight" in proc.stdout
-
-    model, tokenizer, label_map, cfg = load_for_inference(str(run))
-    saved = pd.read_csv(run / "reports" / "predictions_validation.csv", dtype={"label": str})
-    texts = saved["text"].tolist()
-    blend = SavedBlend(str(run))
-    assert blend.weight == metrics["blend_weight"]
-    blended = blend.apply(texts, predict_probabilities(model, tokenizer, texts,
-                                                       cfg.data.max_length))
-    truth = [label_map.label2id[label] for label in saved["label"]]
-    scored = classification_metrics(blended.argmax(1), truth)
-    assert scored["f1_macro"] == pytest.approx(metrics["eval_blend_f1_macro"])
-
-    rows = pd.read_parquet(SAMPLE).head(30)
-    rows.to_parquet(tmp_path / "rows.parquet", index=False)
-    outputs = {}
-    for name, extra in (("blend", []), ("model", ["blend=false"])):
-        out = tmp_path / f"{name}.parquet"
-        proc = subprocess.run([sys.executable, str(ROOT / "src" / "lorasweep" / "predict.py"),
-                               f"run_dir={run}", f"input={tmp_path / 'rows.parquet'}",
-                               f"output={out}", *extra], env=cli_env(), capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert ("blended with the run's TF-IDF baseline" in proc.stdout) == (name == "blend")
-        outputs[name] = pd.read_parquet(out)
-    from lorasweep.serialization import serialize_batch
-    from lorasweep.runs import run_serialization
-
-    texts = serialize_batch(rows.to_dict(orient="list"), run_serialization(str(run), cfg))
-    alone = predict_probabilities(model, tokenizer, texts, cfg.data.max_length)
-    np.testing.assert_allclose(outputs["model"]["pred_score"], alone.max(1), atol=1e-6)
-    np.testing.assert_allclose(outputs["blend"]["pred_score"],
-                               blend.apply(texts, alone).max(1), atol=1e-6)
-
 
 def test_a_tfidf_model_too_large_to_save_is_not_blended(monkeypatch, caplog):
     from lorasweep import blend
