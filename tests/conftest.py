@@ -109,14 +109,14 @@ def assert_reload_reproduces_predictions(run_dir: Path) -> None:
 
 def assert_saved_blend_reproduces_the_run(run_dir: Path) -> None:
     """The run's blend/ applied to the reloaded model's validation probabilities scores exactly
-    the eval_blend_f1_macro the run reported; predict.py applies it by default (one CLI call),
-    and blend=false gives the model alone."""
+    the eval_blend_f1_macro the run reported; predict.py applies it by default, and blend=false
+    gives the model alone."""
     from omegaconf import OmegaConf
 
     from lorasweep.blend import SavedBlend
     from lorasweep.inference import predict_probabilities
     from lorasweep.metrics import classification_metrics
-    from lorasweep.predict import PredictConfig, predict_file
+    from lorasweep.predict import PredictConfig, format_summary, predict_file
     from lorasweep.runs import load_for_inference, run_serialization
     from lorasweep.serialization import serialize_batch
 
@@ -136,21 +136,16 @@ def assert_saved_blend_reproduces_the_run(run_dir: Path) -> None:
     rows.to_parquet(run_dir.parent / "rows.parquet", index=False)
     texts = serialize_batch(rows.to_dict(orient="list"), run_serialization(str(run_dir), cfg))
     alone = predict_probabilities(model, tokenizer, texts, cfg.data.max_length)
-    out = run_dir.parent / "blended.parquet"
-    proc = subprocess.run([sys.executable, str(ROOT / "src" / "lorasweep" / "predict.py"),
-                           f"run_dir={run_dir}", f"input={run_dir.parent / 'rows.parquet'}",
-                           f"output={out}"], cwd=ROOT, env=cli_env(), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "blended with the run's TF-IDF baseline" in proc.stdout
-    np.testing.assert_allclose(pd.read_parquet(out)["pred_score"],
-                               blend.apply(texts, alone).max(1), atol=1e-6)
-    request = OmegaConf.merge(OmegaConf.structured(PredictConfig), {
-        "run_dir": str(run_dir), "input": str(run_dir.parent / "rows.parquet"),
-        "output": str(run_dir.parent / "alone.parquet"), "blend": False, "progress": False})
-    assert predict_file(request)["blend_weight"] is None
-    np.testing.assert_allclose(pd.read_parquet(run_dir.parent / "alone.parquet")["pred_score"],
-                               alone.max(1), atol=1e-6)
+    for use_blend, expected in ((True, blend.apply(texts, alone)), (False, alone)):
+        out = run_dir.parent / f"predicted-{use_blend}.parquet"
+        request = OmegaConf.merge(OmegaConf.structured(PredictConfig), {
+            "run_dir": str(run_dir), "input": str(run_dir.parent / "rows.parquet"),
+            "output": str(out), "progress": False, **({} if use_blend else {"blend": False})})
+        summary = predict_file(request)  # the predict CLI's work, in this process
+        assert summary["blend_weight"] == (blend.weight if use_blend else None)
+        assert ("blended with the run's TF-IDF" in format_summary(summary)) == use_blend
+        np.testing.assert_allclose(pd.read_parquet(out)["pred_score"], expected.max(1),
+                                   atol=1e-6)
 
 
 def save_tokenized_dataset_dict(path, tokenizer, rows=300, max_token=None):

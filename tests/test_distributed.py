@@ -103,7 +103,7 @@ def first_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 240) ->
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     run = tmp_path / "run"
     args = [*DEEPSPEED, str(TRAIN), "model=tiny_bert", "training=smoke", "baseline=none", "tracking=none",
-            "deepspeed=zero2", "training.max_steps=120", "training.save_strategy=steps",
+            "deepspeed=zero2", "training.max_steps=30", "training.save_strategy=steps",
             "training.save_steps=10", "training.save_total_limit=2", f"hydra.run.dir={run}"]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=log,
@@ -124,6 +124,6 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert metrics["resumed_from_step"] >= saved >= 10
     assert "resuming from" in second.stdout + second.stderr
     meta = json.loads((run / "model_metadata.json").read_text())
-    assert meta["global_step"] == 120
-    state = json.loads((run / "checkpoints" / "checkpoint-120" / "trainer_state.json").read_text())
-    assert state["global_step"] == 120
+    assert meta["global_step"] == 30
+    state = json.loads((run / "checkpoints" / "checkpoint-30" / "trainer_state.json").read_text())
+    assert state["global_step"] == 30
