@@ -17,7 +17,7 @@ import time
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from lorasweep.metrics import classification_metrics
+from lorasweep.metrics import scored_metrics
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,8 @@ def tfidf_baseline(train: Tuple[Sequence[str], Sequence[int]],
     probabilities = {}
     for prefix, (split_texts, split_labels) in scored.items():
         probabilities[prefix] = tfidf_probabilities(model, split_texts, num_labels)
-        predictions = probabilities[prefix].argmax(axis=-1)
-        for name, value in classification_metrics(predictions, split_labels).items():
-            metrics[f"{prefix}_baseline_{name}"] = value
+        metrics.update(scored_metrics(probabilities[prefix].argmax(axis=-1), split_labels,
+                                      prefix, "baseline_"))
     metrics["baseline_seconds"] = time.perf_counter() - started
     log.info("baseline: TF-IDF + logistic regression, eval macro-F1 %.4f (%.1f s)",
              metrics.get("eval_baseline_f1_macro", float("nan")), metrics["baseline_seconds"])

@@ -24,7 +24,7 @@ import numpy as np
 from lorasweep.baseline import SavedTfidf, save_tfidf, tfidf_probabilities, tfidf_size_bytes
 from lorasweep.outputs import BLEND_DIR
 from lorasweep.metric_names import METRIC_NAMES
-from lorasweep.metrics import classification_metrics
+from lorasweep.metrics import classification_metrics, scored_metrics
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ def blend_metrics(model_probs: Dict[str, np.ndarray], tfidf_probs: Dict[str, np.
     for prefix in ("eval", "test"):
         predictions = blend_probabilities(model_probs[prefix], tfidf_probs[prefix],
                                           weight).argmax(axis=1)
-        for name, value in classification_metrics(predictions, labels[prefix]).items():
-            metrics[f"{prefix}_blend_{name}"] = value
+        metrics.update(scored_metrics(predictions, labels[prefix], prefix, "blend_"))
     log.info("blend: model weight %.1f, TF-IDF %.1f (chosen on validation): eval macro-F1 %.4f",
              weight, 1.0 - weight, metrics["eval_blend_f1_macro"])
     return metrics

@@ -51,6 +51,14 @@ def classification_metrics(predictions: Sequence[int], references: Sequence[int]
     return _METRIC.compute(predictions=predictions, references=references)
 
 
+def scored_metrics(predictions: Sequence[int], references: Sequence[int], prefix: str,
+                   variant: str) -> Dict[str, float]:
+    """`<prefix>_<variant><metric>` for each metric: how a scored model other than the fine-tuned
+    one (metric_names.SCORED_VARIANTS: "baseline_", "probe_", "blend_") names its scores."""
+    scores = classification_metrics(predictions, references)
+    return {f"{prefix}_{variant}{name}": value for name, value in scores.items()}
+
+
 def compute_metrics(eval_pred) -> Dict[str, float]:
     """The Trainer's `compute_metrics`: logits and label ids in, metric dict out."""
     logits, labels = eval_pred.predictions, eval_pred.label_ids

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lorasweep import distributed
-from lorasweep.metrics import classification_metrics
+from lorasweep.metrics import scored_metrics
 from lorasweep.modeling import HEAD_NAMES
 
 log = logging.getLogger(__name__)
@@ -150,8 +150,7 @@ def head_digest(weight: np.ndarray, bias: Optional[np.ndarray]) -> str:
 
 def probe_scores(features: np.ndarray, labels, weight, bias, prefix: str) -> Dict[str, float]:
     logits = features @ weight.T + (0 if bias is None else bias)
-    scores = classification_metrics(logits.argmax(-1), labels)
-    return {f"{prefix}_probe_{name}": value for name, value in scores.items()}
+    return scored_metrics(logits.argmax(-1), labels, prefix, "probe_")
 
 
 def warm_start_head(model, tokenized, collator, num_labels: int, pad_token_id: Optional[int],
