@@ -28,6 +28,9 @@ def test_smoke_run_writes_outputs_and_the_adapter_reloads(model, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     for key in METRIC_KEYS:
         assert 0.0 <= metrics[key] <= 1.0 or key == "train_loss", key
+    # baseline=none: no TF-IDF model, so no baseline scores and no blend
+    assert not [k for k in metrics if "baseline" in k or "blend" in k], metrics
+    assert not (run / outputs.BLEND_DIR).exists()
     label_map = json.loads((run / "label_map.json").read_text())
     assert label_map["num_labels"] == 26 and label_map["id2label"]["0"] == "14100"
     meta = json.loads((run / "model_metadata.json").read_text())

@@ -122,20 +122,25 @@ def test_without_training_the_model_predicts_what_the_probe_predicts(tmp_path):
 def test_every_zero3_rank_starts_from_the_same_probe_head(tmp_path):
     """2 ranks, ZeRO-3 (the head is partitioned at load): each rank logs the head it set; they
     agree, the saved adapter holds it, and evaluation sharded over both ranks scores exactly
-    what the probe scored."""
+    what the probe scored. Rank 0 alone fits the TF-IDF baseline and blends; its saved blend
+    reproduces what the run reported."""
     run = tmp_path / "run"
     proc = run_train(["model=tiny_bert", "training=smoke", "tracking=none", "deepspeed=zero3",
-                      *NO_TRAINING, "log_all_ranks=true", "baseline=none", f"hydra.run.dir={run}",
+                      *NO_TRAINING, "log_all_ranks=true", f"hydra.run.dir={run}",
                       f"data.cache_dir={tmp_path / 'cache'}"],
                      launcher=("deepspeed", "--num_gpus", "2"), check=True)
-    digests = logged_head_digests(proc.stdout + proc.stderr)
+    output = proc.stdout + proc.stderr
+    digests = logged_head_digests(output)
     assert len(digests) == 2 and len(set(digests)) == 1, digests
     assert saved_head_digest(run) == digests[0]
     metrics = metrics_of(run)
     assert metrics["eval_f1_macro"] == pytest.approx(metrics["eval_probe_f1_macro"])
     meta = json.loads((run / "model_metadata.json").read_text())
     assert meta["zero_stage_engine"] == 3 and meta["world_size"] == 2
-    assert "test_baseline_f1_macro" not in metrics
+    assert 0.0 <= metrics["test_baseline_f1_macro"] <= 1.0
+    assert output.count("blend: model weight") == 2  # rank 0's log line and its closing table
+    assert [p.name for p in run.iterdir() if p.name.startswith("blend")] == ["blend"]
+    assert_saved_blend_reproduces_the_run(run)
 
 
 @pytest.mark.slow
