@@ -110,12 +110,12 @@ def test_without_training_the_model_predicts_what_the_probe_predicts(tmp_path):
     assert 0.0 <= metrics["test_baseline_f1_macro"] <= 1.0 and metrics["baseline_seconds"] > 0
     assert "tfidf test" in proc.stdout and "probe test" in proc.stdout
     assert "WARNING: the model's eval_f1_macro" in proc.stdout  # random tiny BERT < TF-IDF
-    # and the blend of the two: scored, saved, applied by predict.py
+    # and the blend of the two (saved and applied by predict.py: the ZeRO-3 test below)
     assert 0.0 <= metrics["blend_weight"] <= 1.0
     assert metrics["eval_blend_f1_macro"] >= max(metrics["eval_f1_macro"],
                                                  metrics["eval_baseline_f1_macro"]) - 1e-12
     assert "blend test" in proc.stdout and "blend: model weight" in proc.stdout
-    assert_saved_blend_reproduces_the_run(run)
+    assert (run / "blend").is_dir()
 
 
 @pytest.mark.slow
