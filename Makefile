@@ -21,7 +21,7 @@ demo: install
 
 # The venv's bin/ first on PATH: the tests run the real `deepspeed` and `torchrun` commands.
 test: install
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -ra
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -ra --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench
