@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 
 from conftest import (SMOKE, assert_reload_reproduces_predictions,
                       assert_saved_blend_reproduces_the_run, run_train)
+from lorasweep.outputs import BLEND_DIR
 from lorasweep.warmstart import fit_probe, head_digest, head_inputs, head_layer
 
 SPLIT_METRICS = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro")
@@ -115,7 +116,7 @@ def test_without_training_the_model_predicts_what_the_probe_predicts(tmp_path):
     assert metrics["eval_blend_f1_macro"] >= max(metrics["eval_f1_macro"],
                                                  metrics["eval_baseline_f1_macro"]) - 1e-12
     assert "blend test" in proc.stdout and "blend: model weight" in proc.stdout
-    assert (run / "blend").is_dir()
+    assert (run / BLEND_DIR).is_dir()
 
 
 @pytest.mark.slow
@@ -139,7 +140,7 @@ def test_every_zero3_rank_starts_from_the_same_probe_head(tmp_path):
     assert meta["zero_stage_engine"] == 3 and meta["world_size"] == 2
     assert 0.0 <= metrics["test_baseline_f1_macro"] <= 1.0
     assert output.count("blend: model weight") == 2  # rank 0's log line and its closing table
-    assert [p.name for p in run.iterdir() if p.name.startswith("blend")] == ["blend"]
+    assert [p.name for p in run.iterdir() if p.name.startswith(BLEND_DIR)] == [BLEND_DIR]
     assert_saved_blend_reproduces_the_run(run)
 
 
