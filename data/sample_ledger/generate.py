@@ -107,6 +107,20 @@ def flip_label(rng: random.Random, code: str) -> str:
     return rng.choice(siblings) if siblings else code
 
 
+def codes_read_from(vendor: str, description: str) -> set:
+    """The codes a row's own vendor and description point to (a description keeps its period
+    suffix, e.g. "toner cartridge Q3"). A label outside them is one of the flipped labels: no
+    reader of the row can recover it, so these rows bound any classifier's score on this data.
+    Empty when the vendor is generic and the description vague (make_row never writes one)."""
+    from_vendor = {code for code, (_, vendors, *_) in ACCOUNTS.items()
+                   if vendor in vendors or vendor in NEW_VENDORS[code]}
+    from_words = {code for code, (_, _, words, *_) in ACCOUNTS.items()
+                  if any(description == w or description.startswith(w + " ") for w in words)}
+    if from_vendor and from_words:
+        return from_vendor & from_words
+    return from_vendor or from_words
+
+
 def generate(n_rows: int = N_ROWS, seed: int = SEED, new_vendors: bool = False) -> pd.DataFrame:
     rng = random.Random(seed)
     codes = list(ACCOUNTS)
