@@ -50,6 +50,20 @@ def test_label_smoothing_matches_torch():
     assert torch.allclose(smoothed, F.cross_entropy(logits, labels, label_smoothing=0.1))
 
 
+def test_focal_smooths_its_targets_like_ce():
+    """Label smoothing is not ignored under loss=focal: with gamma 0 it is smoothed CE, and with
+    gamma > 0 it still changes the loss."""
+    logits, labels = _batch(4)
+    smoothed = ClassificationLoss("focal", gamma=0.0, label_smoothing=0.1)({"logits": logits},
+                                                                          labels)
+    assert torch.allclose(smoothed, F.cross_entropy(logits, labels, label_smoothing=0.1),
+                          atol=1e-6)
+    focal = ClassificationLoss("focal", gamma=2.0)
+    focal_smoothed = ClassificationLoss("focal", gamma=2.0, label_smoothing=0.1)
+    assert not torch.allclose(focal({"logits": logits}, labels),
+                              focal_smoothed({"logits": logits}, labels))
+
+
 def test_accumulated_micro_batches_sum_to_the_full_batch_loss():
     """With num_items_in_batch (what the Trainer passes under accumulation), the micro-batch
     losses add up to the full batch's mean loss, weighted or not."""

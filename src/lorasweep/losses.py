@@ -44,8 +44,12 @@ class ClassificationLoss:
         logits = logits.float()
         weight = None if self.weights is None else self.weights.to(logits.device)
         if self.name == "focal":
-            log_p = F.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
-            loss = -((1 - log_p.exp()) ** self.gamma) * log_p
+            # -sum_k q_k (1 - p_k)^gamma log p_k, q the (smoothed) one-hot target: with no
+            # smoothing, -(1 - p_y)^gamma log p_y.
+            log_p = F.log_softmax(logits, dim=-1)
+            target = F.one_hot(labels, logits.shape[-1]).to(log_p.dtype)
+            target = target * (1 - self.label_smoothing) + self.label_smoothing / logits.shape[-1]
+            loss = -(target * (1 - log_p.exp()) ** self.gamma * log_p).sum(dim=-1)
             return loss * weight[labels] if weight is not None else loss
         return F.cross_entropy(logits, labels, weight=weight, reduction="none",
                                label_smoothing=self.label_smoothing)
