@@ -4,6 +4,7 @@ and (optionally) the best of an Optuna sweep, all on the same split.
 
     python bench/quality.py                          # the three data sets, default recipe
     python bench/quality.py --datasets ledger        # one of: ledger, new_vendors, debian
+    python bench/quality.py --seeds 42 7 1234        # the default recipe at three training seeds
     python bench/quality.py --sweep-trials 20        # + a 20-trial sweep per data set (hours on CPU)
     python bench/quality.py --tiny                   # tiny_bert smoke run on the ledger (seconds)
     python bench/quality.py --datasets ledger lora.r=16   # trailing key=value: Hydra overrides
@@ -49,6 +50,9 @@ def parse_args(argv=None):
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--sweep-trials", type=int, default=0,
                         help="run hparams_search=optuna_f1 with this many trials per data set")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="training seeds (the top-level `seed`) of the default recipe's runs; "
+                             "each row then shows their mean (default: one run at the config's)")
     parser.add_argument("--tiny", action="store_true", help="tiny_bert smoke run (seconds)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. lora.r=16")
     return parser.parse_args(argv)
@@ -129,7 +133,9 @@ def sweep_best(overrides, trials: int, work: str) -> tuple:
 
 def format_table(results: dict) -> str:
     names = list(results)
-    lines = ["", "quality bench: test macro-F1 (same split per data set)",
+    runs = len(results[names[0]]["runs"]) if names else 1
+    mean = f"; the defaults' rows: the mean of {runs} seeds" if runs > 1 else ""
+    lines = ["", f"quality bench: test macro-F1 (same split per data set{mean})",
              f"  {'system':<32}" + "".join(f"{n:>14}" for n in names)]
     for label, key in ROWS:
         cells = "".join(f"{results[n][key]:>14.4f}" if results[n].get(key) is not None
@@ -138,9 +144,22 @@ def format_table(results: dict) -> str:
     lines.append(f"  {'defaults: run seconds':<32}"
                  + "".join(f"{results[n]['seconds']:>14.0f}" for n in names))
     for n in names:
-        lines.append(f"  {n}: best epoch {results[n]['best_epoch']}, blend model weight "
-                     f"{results[n]['blend_weight']}, seconds {results[n]['parts_seconds']}")
+        for run in results[n]["runs"]:
+            seed = f"seed {run['seed']}: " if run["seed"] is not None else ""
+            blend = "none" if run["blend"] is None else f"{run['blend']:.4f}"
+            lines.append(f"  {n}: {seed}model {run['model']:.4f}, blend {blend} (model weight "
+                         f"{run['blend_weight']}), best epoch {run['best_epoch']}, "
+                         f"seconds {run['parts_seconds']}")
     return "\n".join(lines)
+
+
+def mean_of_runs(runs: list) -> dict:
+    """One column of the table: each row's mean over the seeds' runs (None where a run has none)."""
+    result = {"runs": runs}
+    for key in ("model", "blend", "baseline", "probe", "majority", "ceiling", "seconds"):
+        values = [run[key] for run in runs if run.get(key) is not None]
+        result[key] = sum(values) / len(values) if values else None
+    return result
 
 
 def main(argv=None) -> None:
@@ -152,9 +171,14 @@ def main(argv=None) -> None:
         if data is None:
             continue
         overrides = [*data, *preset, *args.overrides]
-        with tempfile.TemporaryDirectory(prefix=f"lorasweep-quality-{name}-") as work:
-            results[name] = default_run(name, overrides, work)
-            if args.sweep_trials:
+        runs = []
+        for seed in args.seeds or [None]:
+            seeded = overrides if seed is None else [*overrides, f"seed={seed}"]
+            with tempfile.TemporaryDirectory(prefix=f"lorasweep-quality-{name}-") as work:
+                runs.append({"seed": seed, **default_run(name, seeded, work)})
+        results[name] = mean_of_runs(runs)
+        if args.sweep_trials:
+            with tempfile.TemporaryDirectory(prefix=f"lorasweep-quality-{name}-") as work:
                 results[name]["sweep"], results[name]["sweep_blend"] = sweep_best(
                     overrides, args.sweep_trials, work)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
