@@ -128,7 +128,10 @@ class LossSettings:
     weight_min: float = 0.1
     weight_max: float = 10.0
     gamma: float = 2.0  # focal only
-    label_smoothing: float = 0.0
+    # Targets of 0.9 on the label, the rest spread over all classes: a mislabelled train row
+    # (ledgers have booking mistakes) is not memorised. Measured over three seeds on three data
+    # sets (README "Measured"): test macro-F1 up on all three and less spread between seeds.
+    label_smoothing: float = 0.1
 
 
 @dataclass
