@@ -15,8 +15,8 @@ archive section, real text; built by bench/bench_data.py from the apt lists, ski
 The probe, TF-IDF and blend rows come from the lorasweep run itself (every run fits the probe and
 the TF-IDF model on its train split, and picks the blend weight on validation); the majority row
 predicts the train split's most frequent class for every test row. The ceiling row (the two
-generated ledgers) is the best score any classifier can reach there: every test row right except
-the generator's flipped labels, whose vendor and description point to another code.
+generated ledgers) scores a reader that gets every test row right that can be got right: all but
+the generator's flipped labels, whose own vendor and description point to another code.
 """
 
 from __future__ import annotations

@@ -34,8 +34,9 @@ def test_throughput_bench_prints_its_ratios_and_startup_split():
 def test_quality_bench_prints_every_system():
     out = run_bench("quality.py").stdout
     table = out[out.index("quality bench"):]
-    for row in ("label-noise ceiling", "majority class", "TF-IDF + logistic regression", "frozen encoder + linear probe",
-                "lorasweep defaults: model", "lorasweep defaults: blend"):
+    for row in ("label-noise ceiling", "majority class", "TF-IDF + logistic regression",
+                "frozen encoder + linear probe", "lorasweep defaults: model",
+                "lorasweep defaults: blend"):
         line = next(x for x in table.splitlines() if x.strip().startswith(row))
         assert float(line.split()[-1]) >= 0.0, line  # a measured number, not "not run"
     assert "lorasweep sweep best" in table and "not run" in table
