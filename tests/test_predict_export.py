@@ -33,10 +33,12 @@ def trained_run(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("predict_export")
     run = tmp / "run"
     # An absolute cache dir: predict/export rebuild the random base model from it, from any cwd.
-    # A random head, attention-only LoRA and a high learning rate: 12 steps move the tiny
-    # model's head off its near-uniform init, so rows get distinct scores.
+    # A random head, plain CE (no label smoothing, which holds a random tiny model's outputs near
+    # uniform) and a high learning rate: 12 steps move the head off its near-uniform init, so
+    # rows get distinct scores.
     run_train([*SMOKE, "model.head_init=random", "lora=default", "loss=ce",
-               "training.learning_rate=0.05", "training.max_steps=12", f"hydra.run.dir={run}", f"data.cache_dir={tmp / 'cache'}"], check=True)
+               "loss.label_smoothing=0", "training.learning_rate=0.05", "training.max_steps=12",
+               f"hydra.run.dir={run}", f"data.cache_dir={tmp / 'cache'}"], check=True)
     return run
 
 
