@@ -1,4 +1,5 @@
-"""Speed and memory figures added to the Trainer's logs every `logging_steps`.
+"""Trainer callbacks: speed and memory figures added to the logs every `logging_steps`, and a
+signal whose exception was swallowed raised again after the step (lorasweep.interrupts).
 
 speed/tokens_per_sec counts non-pad tokens on all ranks: the Trainer gathers them when
 `include_num_input_tokens_seen="non_padding"` (set in `trainer.build_training_arguments`).
@@ -11,6 +12,8 @@ import time
 import psutil
 import torch
 from transformers import TrainerCallback
+
+from lorasweep.interrupts import raise_if_signalled
 
 
 class SpeedMemoryCallback(TrainerCallback):
@@ -45,3 +48,14 @@ def memory_figures() -> dict:
         figures["gpu/alloc_mb"] = torch.cuda.memory_allocated() / 2**20
         figures["gpu/max_alloc_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return figures
+
+
+class SignalCallback(TrainerCallback):
+    """SIGTERM / Ctrl-C that arrived during a step but whose exception Python dropped (raised
+    inside garbage collection) stops training at the step's end instead of being lost."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        raise_if_signalled()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        raise_if_signalled()

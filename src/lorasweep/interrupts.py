@@ -5,6 +5,12 @@ process on the spot, so the MLflow run would stay RUNNING forever. Raised as an 
 it unwinds like a KeyboardInterrupt: the run ends KILLED with its reason, checkpoints already
 written stay (a rerun of the same command resumes from the last complete one), and the process
 exits with one line and the shell's code for the signal.
+
+Python runs a signal's handler between two bytecodes of the main thread. When those belong to a
+weakref callback or a `__del__` (garbage collection, mid-step), the raised exception is printed
+as "Exception ignored in ..." and dropped, and training would go on to exit 0. So the handlers
+also record the signal, and `raise_if_signalled` (called after every training step and
+evaluation) raises it again.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from typing import List
 
 EXIT_SIGINT = 130  # 128 + the signal number, as a shell reports a process killed by it
 EXIT_SIGTERM = 143
@@ -22,15 +29,36 @@ class Terminated(BaseException):
     way up (Hydra's job runner, a library) takes it for an ordinary error."""
 
 
+_received: List[BaseException] = []  # the exception of each signal handled, in order
+
+
 def raise_on_sigterm() -> None:
-    """From now on SIGTERM raises `Terminated` in the main thread (where signals arrive)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    """From now on SIGTERM raises `Terminated` in the main thread (where signals arrive), and
+    Ctrl-C raises KeyboardInterrupt as before; both are recorded for `raise_if_signalled`. A
+    Ctrl-C that Python ignores (a job started in the background) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
 
 
 def _on_sigterm(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
-    raise Terminated("SIGTERM")
+    _received.append(Terminated("SIGTERM"))
+    raise _received[-1]
+
+
+def _on_sigint(signum, frame) -> None:
+    _received.append(KeyboardInterrupt())
+    raise _received[-1]
+
+
+def raise_if_signalled() -> None:
+    """Raise the first handled signal's exception again: a no-op unless a signal came, and then
+    the run is stopping anyway (the first raise either unwound it or was swallowed)."""
+    if _received:
+        raise _received[0]
 
 
 def is_interrupt(exc: BaseException) -> bool:

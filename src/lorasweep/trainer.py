@@ -17,7 +17,7 @@ from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, Traine
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lorasweep import distributed, outputs
-from lorasweep.callbacks import SpeedMemoryCallback
+from lorasweep.callbacks import SignalCallback, SpeedMemoryCallback
 from lorasweep.console import use_readable_logs
 from lorasweep.errors import ConfigError, one_line
 from lorasweep.metric_names import METRIC_NAMES
@@ -157,7 +157,8 @@ def build_trainer(model, args: TrainingArguments, tokenized, tokenizer, loss_fn,
         model=model, args=args, train_dataset=tokenized["train"],
         eval_dataset=tokenized["validation"], data_collator=collator,
         processing_class=tokenizer, compute_metrics=compute_metrics,
-        compute_loss_func=loss_fn, callbacks=[SpeedMemoryCallback(), *callbacks],
+        compute_loss_func=loss_fn,
+        callbacks=[SignalCallback(), SpeedMemoryCallback(), *callbacks],
     )
     trainer.head_learning_rate, trainer.head_modules = head_learning_rate, tuple(head_modules)
     use_readable_logs(trainer)
