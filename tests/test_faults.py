@@ -107,7 +107,7 @@ def test_a_signal_dropped_inside_garbage_collection_stops_training_at_the_step_e
         signal.signal(signal.SIGTERM, saved[0])
         signal.signal(signal.SIGINT, saved[1])
         sys.unraisablehook = saved[2]
-        interrupts._received.clear()
+        interrupts._received = None
 
 
 def test_two_runs_on_one_fresh_sqlite_store_are_both_recorded(tmp_path):

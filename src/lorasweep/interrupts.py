@@ -18,7 +18,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
-from typing import List
+from typing import Optional
 
 EXIT_SIGINT = 130  # 128 + the signal number, as a shell reports a process killed by it
 EXIT_SIGTERM = 143
@@ -29,7 +29,7 @@ class Terminated(BaseException):
     way up (Hydra's job runner, a library) takes it for an ordinary error."""
 
 
-_received: List[BaseException] = []  # the exception of each signal handled, in order
+_received: Optional[BaseException] = None  # the first handled signal's exception
 
 
 def raise_on_sigterm() -> None:
@@ -45,20 +45,25 @@ def raise_on_sigterm() -> None:
 
 def _on_sigterm(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
-    _received.append(Terminated("SIGTERM"))
-    raise _received[-1]
+    raise _record(Terminated("SIGTERM"))
 
 
 def _on_sigint(signum, frame) -> None:
-    _received.append(KeyboardInterrupt())
-    raise _received[-1]
+    raise _record(KeyboardInterrupt())
+
+
+def _record(exc: BaseException) -> BaseException:
+    global _received
+    if _received is None:
+        _received = exc
+    return exc
 
 
 def raise_if_signalled() -> None:
     """Raise the first handled signal's exception again: a no-op unless a signal came, and then
     the run is stopping anyway (the first raise either unwound it or was swallowed)."""
-    if _received:
-        raise _received[0]
+    if _received is not None:
+        raise _received
 
 
 def is_interrupt(exc: BaseException) -> bool:
