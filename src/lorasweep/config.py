@@ -129,9 +129,8 @@ class LossSettings:
     weight_max: float = 10.0
     gamma: float = 2.0  # focal only
     # Targets of 0.9 on the label, the rest spread over all classes: a mislabelled train row
-    # (ledgers have booking mistakes) is not memorised. Mean test macro-F1 over three seeds
-    # (README "Measured"): +0.030 and +0.016 on the two realistic data sets, with less spread
-    # between seeds; -0.002 on the sample ledger.
+    # (ledgers have booking mistakes) is not memorised. Better on both realistic data sets over
+    # three seeds, and less spread between seeds (README "Measured" has the figures).
     label_smoothing: float = 0.1
 
 
