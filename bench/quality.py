@@ -36,6 +36,8 @@ from _common import ROOT, compose_train
 from bench_data import OUT as BENCH_DATA
 from bench_data import data_overrides
 
+sys.path.insert(0, str(ROOT / "data" / "sample_ledger"))  # generate.py: the ledgers' generator
+
 DATASETS = {"ledger": [], "new_vendors": ["data=ledger_new_vendors"], "debian": None}
 GENERATED = ("ledger", "new_vendors")  # written by data/sample_ledger/generate.py
 ROWS = (("label-noise ceiling", "ceiling"), ("majority class", "majority"),
@@ -77,9 +79,11 @@ def default_run(name: str, overrides, work: str) -> dict:
     started = time.perf_counter()
     metrics = run(cfg)
     seconds = time.perf_counter() - started
+    test_rows = pd.read_csv(Path(work, "run", "reports", "predictions_test.csv"),
+                            dtype={"label": str})
     result = {"model": metrics["test_f1_macro"], "seconds": seconds,
-              "majority": majority_f1(f"{work}/run"),
-              "ceiling": ceiling_f1(f"{work}/run") if name in GENERATED else None,
+              "majority": majority_f1(f"{work}/run", test_rows["label"]),
+              "ceiling": ceiling_f1(test_rows) if name in GENERATED else None,
               "best_epoch": metrics.get("best_epoch"), "blend_weight": metrics.get("blend_weight")}
     for key in ("baseline", "probe", "blend"):
         result[key] = metrics.get(f"test_{key}_f1_macro")
@@ -89,26 +93,23 @@ def default_run(name: str, overrides, work: str) -> dict:
     return result
 
 
-def majority_f1(run_dir: str) -> float:
+def majority_f1(run_dir: str, truth: pd.Series) -> float:
     from sklearn.metrics import f1_score
 
     meta = json.loads(Path(run_dir, "dataset_metadata.json").read_text())
     counts = meta["class_counts"]["train"]
     majority = max(counts, key=counts.get)
-    truth = pd.read_csv(Path(run_dir, "reports", "predictions_test.csv"),
-                        dtype={"label": str})["label"]
     return float(f1_score(truth, [majority] * len(truth), average="macro", zero_division=0))
 
 
-def ceiling_f1(run_dir: str) -> float:
-    """Macro-F1 of reading every test row by its own vendor and description: right wherever the
-    label is one of the codes they point to, the pointed-to code where it is not (a flip)."""
+def ceiling_f1(rows: pd.DataFrame) -> float:
+    """Macro-F1 of reading every test row (a run's predictions_test.csv: serialized text, label)
+    by its own vendor and description: right wherever the label is one of the codes they point
+    to, the pointed-to code where it is not (a flip)."""
     from sklearn.metrics import f1_score
 
-    sys.path.insert(0, str(ROOT / "data" / "sample_ledger"))
     from generate import codes_read_from
 
-    rows = pd.read_csv(Path(run_dir, "reports", "predictions_test.csv"), dtype={"label": str})
     best = []
     for text, label in zip(rows["text"], rows["label"]):
         vendor, description = re.match(r"vendor: (.*?), description: (.*?), amount:", text).groups()
