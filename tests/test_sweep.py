@@ -183,6 +183,7 @@ def synthetic_trials(n, seed=0):
     for number in range(n):
         lr = 10 ** rng.uniform(-3.52, -2.53)
         overrides = [f"training.learning_rate={lr}", f"lora.r={rng.choice([8, 16, 32])}",
+                     f"training.head_learning_rate={10 ** rng.uniform(-4, -2)}",
                      f"training.num_train_epochs={rng.choice([3, 5])}",
                      f"model.head_init={rng.choice(['probe', 'random'])}",
                      f"lora={rng.choice(['default', 'attention'])}",
@@ -207,7 +208,7 @@ def broken_plot(*args):
 def test_param_importance_from_trial_records(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="lorasweep.sweep")
     space = search_space(optuna_f1_params(), ["hparams_search=optuna_f1", "model=tiny_bert"])
-    assert len(space) == 10
+    assert len(space) == 11
     trials = synthetic_trials(12)
     importances, note = param_importances(trials, space)
     assert note == "12 completed trials"
