@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from lorasweep.baseline import SavedTfidf, fit_tfidf, save_tfidf
-from lorasweep.blend import BLEND_JSON, SavedBlend, blend_probabilities, choose_weight, save_blend
+from lorasweep.blend import (BLEND_JSON, WEIGHTS, SavedBlend, blend_probabilities, choose_weight,
+                             save_blend)
 from lorasweep.outputs import BLEND_DIR
 
 TEXTS = ["vendor: Acme Corp, memo: office chairs", "vendor: Globex, memo: cloud hosting",
@@ -68,6 +69,19 @@ def test_the_weight_chosen_on_validation_beats_either_model_alone():
     assert (model.argmax(1) == labels).mean() == 0.5 and (tfidf.argmax(1) == labels).mean() == 0.5
     # the model alone is chosen when the baseline adds nothing (ties go to the model)
     assert choose_weight(model, model.copy(), labels, "eval_accuracy") == 1.0
+
+
+def test_weights_that_tie_on_the_metric_go_to_the_blend_with_the_lower_log_loss():
+    """Both models get every row right, the model barely and TF-IDF surely: every weight ties on
+    macro-F1, and the blend whose probabilities fit the rows best is TF-IDF alone."""
+    labels = np.arange(4).repeat(5)
+    model = np.full((20, 4), 0.2)
+    model[np.arange(20), labels] = 0.4
+    tfidf = np.full((20, 4), 0.03)
+    tfidf[np.arange(20), labels] = 0.91
+    assert all((blend_probabilities(model, tfidf, w).argmax(1) == labels).all() for w in WEIGHTS)
+    assert choose_weight(model, tfidf, labels, "eval_f1_macro") == 0.0
+    assert choose_weight(tfidf, model, labels, "eval_f1_macro") == 1.0
 
 
 def test_a_run_without_a_blend_removes_the_one_an_earlier_run_left(tmp_path):
