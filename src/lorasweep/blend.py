@@ -64,8 +64,8 @@ def choose_weight(model: np.ndarray, tfidf: np.ndarray, labels: Sequence[int],
                   objective: str) -> float:
     """The grid weight whose blend scores best on these (validation) rows by the objective's
     metric (macro-F1 when the objective is not one of the classification metrics). A metric
-    over a few hundred rows ties often (on the sample ledger, the model alone and TF-IDF alone
-    got the same validation rows wrong); ties go to the blend with the lower log-loss, whose
+    over a few hundred rows ties often (on the sample ledger, the model alone, TF-IDF alone and
+    every blend between score the same); ties go to the blend with the lower log-loss, whose
     probabilities fit the rows better, then to the larger weight, the model's side."""
     name = objective.split("_", 1)[-1]
     name = name if name in METRIC_NAMES else "f1_macro"
