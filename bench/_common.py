@@ -1,12 +1,11 @@
-"""What every bench script shares: the repo root with `src/` importable, offline settings, the
-real config tree composed as train.py composes it, and --tiny / full-size argument defaults."""
+"""What every bench script shares: the repo root, offline settings, the real config tree composed
+as train.py composes it, and --tiny / full-size argument defaults. lorasweep must be installed
+(`make install`: the clone's own code, editable)."""
 
 import os
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -15,9 +14,9 @@ def compose_train(overrides):
     """conf/train.yaml with `overrides` (the schemas registered, as train.py does)."""
     from hydra import compose, initialize_config_dir
 
-    from lorasweep import config as _config  # noqa: F401  (registers the schemas conf/ uses)
+    from lorasweep.config import CONF_DIR  # importing it registers the schemas conf/ uses
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 
 

@@ -50,7 +50,7 @@ def main() -> None:
     import datasets
     from transformers import AutoTokenizer
 
-    from lorasweep.data import prepare_data, tokenize_splits
+    from lorasweep.data.prepare import prepare_data, tokenize_splits
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=50_000)

@@ -98,17 +98,17 @@ def synthetic_rows(n_rows: int, seq_len: int, vocab: int, pad_id: int, num_label
 
 def build_variant(args, cfg, timer):
     """lorasweep's path: base model before TrainingArguments (ZeRO-3), then model, LoRA, Trainer."""
-    from lorasweep.labels import LabelMap
-    from lorasweep.deepspeed_config import build_deepspeed_config
-    from lorasweep.losses import build_loss
-    from lorasweep.modeling import (
+    from lorasweep.data.labels import LabelMap
+    from lorasweep.training.deepspeed_config import build_deepspeed_config
+    from lorasweep.model.losses import build_loss
+    from lorasweep.model.modeling import (
         apply_lora,
         base_model_path,
         build_model,
         count_parameters,
         load_tokenizer,
     )
-    from lorasweep.trainer import build_trainer, build_training_arguments
+    from lorasweep.training.trainer import build_trainer, build_training_arguments
 
     ds_config = build_deepspeed_config(cfg.deepspeed)
     base_path = base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed)

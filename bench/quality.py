@@ -72,7 +72,7 @@ def dataset_overrides(name: str):
 
 def default_run(name: str, overrides, work: str) -> dict:
     """One lorasweep run with the default recipe; its test metrics and the comparison rows."""
-    from lorasweep.pipeline import run
+    from lorasweep.training.pipeline import run
 
     cfg = compose_train(["tracking=none", *overrides, f"output_dir={work}/run",
                          f"data.cache_dir={work}/cache"])

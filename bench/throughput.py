@@ -87,10 +87,10 @@ class TokenCounter:
 
 def lorasweep_trainer(cfg, callbacks):
     """lorasweep's training path (pipeline.train_and_save up to trainer.train), no eval/saving."""
-    from lorasweep.data import prepare_data
-    from lorasweep.losses import build_loss
-    from lorasweep.modeling import apply_lora, base_model_path, build_model, load_tokenizer
-    from lorasweep.trainer import build_trainer, build_training_arguments
+    from lorasweep.data.prepare import prepare_data
+    from lorasweep.model.losses import build_loss
+    from lorasweep.model.modeling import apply_lora, base_model_path, build_model, load_tokenizer
+    from lorasweep.training.trainer import build_trainer, build_training_arguments
 
     base_path = base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed)
     args = build_training_arguments(cfg.training, cfg.output_dir, cfg.seed, None)
@@ -115,7 +115,7 @@ def handwritten_trainer(cfg, callbacks):
         TrainingArguments,
     )
 
-    from lorasweep.modeling import base_model_path, peft_targets
+    from lorasweep.model.modeling import base_model_path, peft_targets
 
     d = cfg.data
     table = pd.read_parquet(ROOT / d.train_path if not os.path.isabs(d.train_path)
@@ -203,14 +203,14 @@ def bench_startup(args, work: str) -> dict:
     start = time.perf_counter()
     import peft  # noqa: F401  (apply_lora imports it lazily; count it here)
 
-    import lorasweep.pipeline  # noqa: F401  (torch, transformers, datasets, deepspeed config)
+    import lorasweep.training.pipeline  # noqa: F401  (torch, transformers, datasets, deepspeed config)
     seconds["imports"] = time.perf_counter() - start
     start = time.perf_counter()
     cfg = compose_config(train_overrides(args, args.steps), os.path.join(work, "startup"),
                          os.path.join(work, "cache"))
     seconds["config"] = time.perf_counter() - start
-    from lorasweep.data import prepare_data
-    from lorasweep.modeling import apply_lora, base_model_path, build_model, load_tokenizer
+    from lorasweep.data.prepare import prepare_data
+    from lorasweep.model.modeling import apply_lora, base_model_path, build_model, load_tokenizer
 
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model)

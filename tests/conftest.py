@@ -1,170 +1,17 @@
-"""Shared fixtures: compose the real config tree, run the real CLI in a subprocess."""
+"""Fixtures: the dirs a test's run writes to. (Shared helpers are in helpers.py.)"""
 
-from __future__ import annotations
-
-import json
-import os
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import List, Sequence
 
-import datasets
-import numpy as np
-import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
-
-import lorasweep.config  # noqa: F401  (registers the schemas, as train.py does)
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-TRAIN = ROOT / "src" / "lorasweep" / "train.py"
-# baseline=none: a smoke run's scores mean nothing, and the TF-IDF fit would add seconds to each
-# of the suite's many runs (tests that check the baseline turn it back on)
-SMOKE = ["model=tiny_bert", "training=smoke", "tracking=none", "baseline=none"]
-SAMPLE = ROOT / "data" / "sample_ledger" / "ledger.parquet"
-
-
-SHM_OP = "deepspeed_shm_comm"  # the op DeepSpeed JIT-builds for CPU communication
-
-
-def make_stale_lock(path: Path) -> None:
-    """A lock file as torch's FileBaton leaves it when its build is killed: present, closed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch()
-    old = time.time() - 600
-    os.utime(path, (old, old))
-
-
-def extensions_dir_with_stale_lock(tmp_path: Path) -> Path:
-    """A TORCH_EXTENSIONS_DIR as a killed DeepSpeed op build leaves it: the op's lock still
-    there. It holds this machine's build of the op when there is one, so that a run need not
-    compile it again (about 1 min)."""
-    from torch.utils.cpp_extension import get_default_build_root
-
-    extensions = tmp_path / "torch_extensions"
-    built = next(Path(get_default_build_root()).glob(f"*/{SHM_OP}"), None)
-    if built is not None:
-        shutil.copytree(built, extensions / SHM_OP)
-    make_stale_lock(extensions / SHM_OP / "lock")
-    return extensions
-
-
-def compose_cfg(overrides: Sequence[str] = (), output_dir: str | None = None) -> DictConfig:
-    """The real config tree, composed as Hydra would (minus the hydra: node's runtime values)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.output_dir = str(output_dir)
-    return cfg
-
-
-def cli_env() -> dict:
-    env = dict(os.environ)
-    for name in ("HYDRA_FULL_ERROR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                 "MASTER_PORT", "MLFLOW_RUN_ID"):
-        env.pop(name, None)  # a test process must not pass its own rank or run to the CLI
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def run_train(args: List[str], launcher: Sequence[str] = (sys.executable,), timeout: int = 600,
-              check: bool = False) -> subprocess.CompletedProcess:
-    """Run `<launcher> src/lorasweep/train.py <args>` from the repo root."""
-    cmd = [*launcher, str(TRAIN), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True,
-                          timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}"
-                             f"\n{proc.stderr[-6000:]}")
-    return proc
 
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
+    """Where a test's run writes its outputs (hydra.run.dir); not created."""
     return tmp_path / "run"
 
 
-def assert_reload_reproduces_predictions(run_dir: Path) -> None:
-    """The saved adapter + tokenizer + label map, reloaded with PEFT, give the predictions the
-    training process wrote for the validation split (reports/predictions_validation.csv)."""
-    from lorasweep.inference import predict_probabilities
-    from lorasweep.runs import load_for_inference
-
-    model, tokenizer, label_map, cfg = load_for_inference(str(run_dir))
-    saved = pd.read_csv(run_dir / "reports" / "predictions_validation.csv",
-                        dtype={"label": str, "pred_label": str})
-    probs = predict_probabilities(model, tokenizer, saved["text"].tolist(), cfg.data.max_length,
-                                  batch_size=16)
-    assert [label_map.labels[i] for i in probs.argmax(-1)] == saved["pred_label"].tolist()
-    np.testing.assert_allclose(probs.max(-1), saved["pred_score"], rtol=1e-4, atol=1e-5)
-
-
-def assert_saved_blend_reproduces_the_run(run_dir: Path) -> None:
-    """The run's blend/ applied to the reloaded model's validation probabilities scores exactly
-    the eval_blend_f1_macro the run reported; predict.py applies it by default, and blend=false
-    gives the model alone."""
-    from omegaconf import OmegaConf
-
-    from lorasweep.blend import SavedBlend
-    from lorasweep.inference import predict_probabilities
-    from lorasweep.metrics import classification_metrics
-    from lorasweep.predict import PredictConfig, format_summary, predict_file
-    from lorasweep.runs import load_for_inference, run_serialization
-    from lorasweep.serialization import serialize_batch
-
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    model, tokenizer, label_map, cfg = load_for_inference(str(run_dir))
-    saved = pd.read_csv(run_dir / "reports" / "predictions_validation.csv", dtype={"label": str})
-    blend = SavedBlend(str(run_dir))
-    assert blend.weight == metrics["blend_weight"]
-    texts = saved["text"].tolist()
-    blended = blend.apply(texts, predict_probabilities(model, tokenizer, texts,
-                                                       cfg.data.max_length))
-    truth = [label_map.label2id[label] for label in saved["label"]]
-    scored = classification_metrics(blended.argmax(1), truth)
-    assert scored["f1_macro"] == pytest.approx(metrics["eval_blend_f1_macro"])
-
-    rows = pd.read_parquet(SAMPLE).head(30)
-    rows.to_parquet(run_dir.parent / "rows.parquet", index=False)
-    texts = serialize_batch(rows.to_dict(orient="list"), run_serialization(str(run_dir), cfg))
-    alone = predict_probabilities(model, tokenizer, texts, cfg.data.max_length)
-    for use_blend, expected in ((True, blend.apply(texts, alone)), (False, alone)):
-        out = run_dir.parent / f"predicted-{use_blend}.parquet"
-        request = OmegaConf.merge(OmegaConf.structured(PredictConfig), {
-            "run_dir": str(run_dir), "input": str(run_dir.parent / "rows.parquet"),
-            "output": str(out), "progress": False, **({} if use_blend else {"blend": False})})
-        summary = predict_file(request)  # the predict CLI's work, in this process
-        assert summary["blend_weight"] == (blend.weight if use_blend else None)
-        assert ("blended with the run's TF-IDF" in format_summary(summary)) == use_blend
-        np.testing.assert_allclose(pd.read_parquet(out)["pred_score"], expected.max(1),
-                                   atol=1e-6)
-
-
-def save_tokenized_dataset_dict(path, tokenizer, rows=300, max_token=None):
-    """A tokenized export: a DatasetDict with input_ids / attention_mask and a ClassLabel label."""
-    table = pd.read_parquet(SAMPLE).head(rows)
-    names = sorted(set(table["acct_code"]))
-    encoded = tokenizer((table["vendor"] + " " + table["description"]).tolist(), truncation=True,
-                        max_length=32)
-    ids = encoded["input_ids"] if max_token is None else [x[:-1] + [max_token]
-                                                          for x in encoded["input_ids"]]
-    features = datasets.Features({
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "attention_mask": datasets.Sequence(datasets.Value("int8")),
-        "label": datasets.ClassLabel(names=names)})
-    full = datasets.Dataset.from_dict(
-        {"input_ids": ids, "attention_mask": encoded["attention_mask"],
-         "label": [names.index(c) for c in table["acct_code"]]}, features=features)
-    cut = (rows * 2 // 3, rows * 5 // 6)
-    datasets.DatasetDict({"train": full.select(range(cut[0])),
-                          "validation": full.select(range(cut[0], cut[1])),
-                          "test": full.select(range(cut[1], rows))}).save_to_disk(str(path))
-    return full, names
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    """A data cache of the test's own (data.cache_dir): no run shares one with another test."""
+    return tmp_path / "cache"

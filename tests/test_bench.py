@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, cli_env
+from helpers import ROOT, cli_env
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from lorasweep.baseline import SavedTfidf, fit_tfidf, save_tfidf
-from lorasweep.blend import (BLEND_JSON, WEIGHTS, SavedBlend, blend_probabilities, choose_weight,
+from lorasweep.evaluation.baseline import SavedTfidf, fit_tfidf, save_tfidf
+from lorasweep.evaluation.blend import (BLEND_JSON, WEIGHTS, SavedBlend, blend_probabilities, choose_weight,
                              save_blend)
 from lorasweep.outputs import BLEND_DIR
 
@@ -93,12 +93,12 @@ def test_a_run_without_a_blend_removes_the_one_an_earlier_run_left(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no temp dir left behind
 
 def test_a_tfidf_model_too_large_to_save_is_not_blended(monkeypatch, caplog):
-    from lorasweep import blend
+    from lorasweep.evaluation import blend
 
     fitted = fit_tfidf(TEXTS, [0, 1, 2] * 6)
     assert fitted.steps[-1][1].coef_.dtype == np.float32  # what is scored is what is saved
     assert blend.blend_fits(fitted)
     monkeypatch.setattr(blend, "MAX_BLEND_BYTES", fitted.steps[-1][1].coef_.nbytes - 1)
-    with caplog.at_level("INFO", logger="lorasweep.blend"):
+    with caplog.at_level("INFO", logger="lorasweep.evaluation.blend"):
         assert not blend.blend_fits(fitted)
     assert "blend: skipped" in caplog.text

@@ -5,9 +5,9 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose_cfg, run_train
+from helpers import CONF, compose_cfg, run_train
 from lorasweep.config import validate
-from lorasweep.deepspeed_config import build_deepspeed_config
+from lorasweep.training.deepspeed_config import build_deepspeed_config
 from lorasweep.errors import ConfigError
 
 GROUPS = ["model", "lora", "deepspeed", "training", "loss", "data", "tracking"]

@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import SAMPLE, SMOKE, compose_cfg, run_train, save_tokenized_dataset_dict
+from helpers import SAMPLE, SMOKE, compose_cfg, run_train, save_tokenized_dataset_dict
 from lorasweep.config import package_dir
-from lorasweep.data import prepare_data
-from lorasweep.labels import build_label_map
-from lorasweep.serialization import format_value, serialize_row
-from lorasweep.tables import load_splits, normalise_labels, split_table
+from lorasweep.data.prepare import prepare_data
+from lorasweep.data.labels import build_label_map
+from lorasweep.data.serialization import format_value, serialize_row
+from lorasweep.data.tables import load_splits, normalise_labels, split_table
 from lorasweep.errors import DataError
 
 def data_cfg(tmp_path, **overrides):
@@ -74,7 +74,7 @@ def test_tokenization_cache_hit_on_second_run(tmp_path, caplog):
     tokenizer = minilm_tokenizer()
     cfg = data_cfg(tmp_path)
     first = prepare_data(cfg, tokenizer)
-    with caplog.at_level("INFO", logger="lorasweep.data"):
+    with caplog.at_level("INFO", logger="lorasweep.data.prepare"):
         second = prepare_data(cfg, tokenizer)
     assert "data cache hit" in caplog.text
     assert first.tokenized["train"]["input_ids"] == second.tokenized["train"]["input_ids"]
@@ -92,7 +92,7 @@ def test_a_cache_hit_is_the_whole_result_and_an_edited_file_misses(tmp_path, cap
     cfg = data_cfg(tmp_path, train_path=str(path), label_column="acct_code")
     first = prepare_data(cfg, tokenizer)
     (tmp_path / "cache" / "prepared" / "0123.tmp-999").mkdir()  # a crashed writer's leftover
-    with caplog.at_level("INFO", logger="lorasweep.data"):
+    with caplog.at_level("INFO", logger="lorasweep.data.prepare"):
         # num_proc changes how, not what: still the same entry
         second = prepare_data(data_cfg(tmp_path, train_path=str(path), label_column="acct_code",
                                        num_proc=2), tokenizer)
@@ -104,7 +104,7 @@ def test_a_cache_hit_is_the_whole_result_and_an_edited_file_misses(tmp_path, cap
     table.loc[0, "vendor"] = "Edited Vendor Ltd"
     table.to_parquet(path)
     caplog.clear()
-    with caplog.at_level("INFO", logger="lorasweep.data"):
+    with caplog.at_level("INFO", logger="lorasweep.data.prepare"):
         prepare_data(cfg, tokenizer)
     assert "data cache miss" in caplog.text
     entries = [p.name for p in (tmp_path / "cache" / "prepared").iterdir() if ".tmp-" not in p.name]
@@ -159,7 +159,7 @@ def test_an_untokenized_dataset_dict_is_tokenized_and_its_cache_key_is_stable(tm
     assert first.label_map.labels == sorted(set(table["acct_code"][:200]))
     assert first.texts("train")[0] == (f"vendor: {table['vendor'].iloc[0]}, "
                                        f"description: {table['description'].iloc[0]}")
-    with caplog.at_level("INFO", logger="lorasweep.data"):
+    with caplog.at_level("INFO", logger="lorasweep.data.prepare"):
         prepare_data(cfg, tokenizer)
     assert "data cache hit" in caplog.text
 
@@ -297,7 +297,7 @@ def test_labels_differing_only_by_surrounding_whitespace_are_one_class(tmp_path,
     table = pd.DataFrame({"text": [f"row {i}" for i in range(30)],
                           "y": ["a", " a", "a ", "b", "b", "b"] * 5})
     cfg = data_cfg(tmp_path, train_path=write_csv(tmp_path, table), label_column="y")
-    with caplog.at_level("WARNING", logger="lorasweep.tables"):
+    with caplog.at_level("WARNING", logger="lorasweep.data.tables"):
         splits, _, _ = load_splits(cfg)
     assert set(splits["train"]["y"]) == {"a", "b"}
     assert "stripped surrounding whitespace from 10 label(s) in column 'y'" in caplog.text

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import (ROOT, SHM_OP, TRAIN, assert_reload_reproduces_predictions, cli_env,
+from helpers import (ROOT, SHM_OP, TRAIN, assert_reload_reproduces_predictions, cli_env,
                       extensions_dir_with_stale_lock, run_train)
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, SMOKE, TRAIN, cli_env, make_stale_lock, run_train
+from helpers import ROOT, SMOKE, TRAIN, cli_env, make_stale_lock, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_a_signal_dropped_inside_garbage_collection_stops_training_at_the_step_e
     SIGTERM handled there was once lost and the run went on to exit 0. The handler records the
     signal, and the step-end check raises it again."""
     from lorasweep import interrupts
-    from lorasweep.callbacks import SignalCallback
+    from lorasweep.training.callbacks import SignalCallback
 
     saved = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT), sys.unraisablehook
     dropped = []
@@ -127,7 +127,7 @@ def test_two_runs_on_one_fresh_sqlite_store_are_both_recorded(tmp_path):
 
 def test_a_stale_extension_build_lock_is_removed_and_a_held_one_kept(tmp_path, monkeypatch,
                                                                        caplog):
-    from lorasweep.preflight import clear_stale_build_locks
+    from lorasweep.training.deepspeed_config import clear_stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     stale, held, young = (tmp_path / name / "lock" for name in ("stale_op", "held_op", "new_op"))
@@ -137,7 +137,7 @@ def test_a_stale_extension_build_lock_is_removed_and_a_held_one_kept(tmp_path, m
     young.touch()
     fd = os.open(held, os.O_RDONLY)  # a build in progress keeps its lock open
     try:
-        with caplog.at_level("WARNING", logger="lorasweep.preflight"):
+        with caplog.at_level("WARNING", logger="lorasweep.training.deepspeed_config"):
             removed = clear_stale_build_locks()
     finally:
         os.close(fd)

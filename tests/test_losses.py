@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorasweep.losses import ClassificationLoss, class_weights
+from lorasweep.model.losses import ClassificationLoss, class_weights
 
 
 def test_class_weights_on_known_counts():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
-from lorasweep.metrics import classification_metrics, hierarchy_metrics, per_class_report
-from lorasweep.reports import confusion_top_k, write_reports
+from lorasweep.evaluation.metrics import classification_metrics, hierarchy_metrics, per_class_report
+from lorasweep.evaluation.reports import confusion_top_k, write_reports
 
 Y_TRUE = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3]
 Y_PRED = [0, 0, 1, 1, 1, 2, 2, 0, 3, 3]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, SMOKE, cli_env, run_train
+from helpers import ROOT, SMOKE, cli_env, run_train
 
 PREDICT = ROOT / "src" / "lorasweep" / "predict.py"
 EXPORT = ROOT / "src" / "lorasweep" / "export.py"
@@ -55,9 +55,9 @@ def varied_input(trained_run) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def single_row_probabilities(trained_run, varied_input) -> np.ndarray:
     """Each row predicted alone (batch of one, no padding), through the training serializer."""
-    from lorasweep.serialization import serialize_batch
-    from lorasweep.inference import predict_probabilities
-    from lorasweep.runs import load_for_inference, run_serialization
+    from lorasweep.data.serialization import serialize_batch
+    from lorasweep.runs.inference import predict_probabilities
+    from lorasweep.runs.load import load_for_inference, run_serialization
 
     model, tokenizer, _, cfg = load_for_inference(str(trained_run))
     settings = run_serialization(str(trained_run), cfg)
@@ -118,9 +118,9 @@ def test_missing_column_is_one_line_error_and_no_output(trained_run, tmp_path):
 def test_export_predicts_like_the_adapter_model(trained_run, varied_input, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lorasweep.serialization import serialize_batch
-    from lorasweep.inference import predict_probabilities
-    from lorasweep.runs import load_for_inference, run_serialization
+    from lorasweep.data.serialization import serialize_batch
+    from lorasweep.runs.inference import predict_probabilities
+    from lorasweep.runs.load import load_for_inference, run_serialization
 
     out = tmp_path / "exported"
     proc = run_tool(EXPORT, [f"run_dir={trained_run}", f"output={out}"])
@@ -142,7 +142,7 @@ def test_export_predicts_like_the_adapter_model(trained_run, varied_input, tmp_p
 
 
 def test_top_k_columns_are_sorted_and_clipped_to_the_label_count():
-    from lorasweep.predict import top_k_frame
+    from lorasweep.runs.inference import top_k_frame
 
     probs = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]])
     frame = top_k_frame(probs, ["a", "b", "c"], top_k=5)
@@ -153,7 +153,7 @@ def test_top_k_columns_are_sorted_and_clipped_to_the_label_count():
 
 
 def test_label_metrics_count_unknown_labels_as_wrong():
-    from lorasweep.predict import label_metrics
+    from lorasweep.runs.inference import label_metrics
 
     frame = pd.DataFrame({"y": ["a", "b", "zz", None], "pred_label": ["a", "a", "b", "b"]})
     metrics = label_metrics(frame, "y", ["a", "b"])
@@ -164,7 +164,7 @@ def test_label_metrics_count_unknown_labels_as_wrong():
 
 @pytest.mark.parametrize("ext", [".csv", ".parquet", ".jsonl"])
 def test_write_table_round_trips_each_format(ext, tmp_path):
-    from lorasweep.predict import write_table
+    from lorasweep.data.tables import write_table
 
     frame = pd.DataFrame({"text": ["x", "y, z"], "pred_label": ["1", "2"], "score": [0.5, 0.25]})
     path = tmp_path / f"out{ext}"

@@ -10,10 +10,10 @@ import torch
 from omegaconf import OmegaConf
 from transformers import TrainingArguments
 
-from conftest import compose_cfg
-from lorasweep.redaction import (MASK, is_secret_key, mask_override, mask_yaml_file,
-                                 masked_container)
-from lorasweep.trainer import PicklableWithoutSecrets
+from helpers import compose_cfg
+from lorasweep.cli.callbacks import mask_yaml_file
+from lorasweep.redaction import MASK, is_secret_key, mask_override, masked_container
+from lorasweep.training.trainer import PicklableWithoutSecrets
 
 
 @pytest.mark.parametrize("key", ["hub_token", "training.extra.hub_token", "token", "HF_TOKEN",

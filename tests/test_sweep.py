@@ -14,11 +14,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import CONF, run_train
+from helpers import CONF, run_train
 from lorasweep.distributed import free_port
 from lorasweep.errors import ConfigError
-from lorasweep.launcher import launcher_command, place_trial, trials_at_once
-from lorasweep.sweep import (IMPORTANCE_PNG, made_or_none, param_importances, plot_importances,
+from lorasweep.training.launcher import launcher_command, place_trial, trials_at_once
+from lorasweep.tracking.sweep import (IMPORTANCE_PNG, made_or_none, param_importances, plot_importances,
                              search_space)
 
 SPACE = "hparams_search=optuna_f1"
@@ -206,7 +206,7 @@ def broken_plot(*args):
 
 
 def test_param_importance_from_trial_records(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="lorasweep.sweep")
+    caplog.set_level(logging.INFO, logger="lorasweep.tracking.sweep")
     space = search_space(optuna_f1_params(), ["hparams_search=optuna_f1", "model=tiny_bert"])
     assert len(space) == 11
     trials = synthetic_trials(12)

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import assert_reload_reproduces_predictions, compose_cfg, run_train
+from helpers import assert_reload_reproduces_predictions, compose_cfg, run_train
 from lorasweep.distributed import free_port
-from lorasweep.tracking import MASK, flatten_params
+from lorasweep.redaction import MASK
+from lorasweep.tracking.tracker import flatten_params
 
 pytestmark = pytest.mark.slow
 

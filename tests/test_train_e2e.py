@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import (SAMPLE, SMOKE, assert_reload_reproduces_predictions, compose_cfg, run_train,
+from helpers import (SAMPLE, SMOKE, assert_reload_reproduces_predictions, compose_cfg, run_train,
                       save_tokenized_dataset_dict)
 from lorasweep import outputs
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from conftest import (SMOKE, assert_reload_reproduces_predictions,
+from helpers import (SMOKE, assert_reload_reproduces_predictions,
                       assert_saved_blend_reproduces_the_run, run_train)
 from lorasweep.outputs import BLEND_DIR
-from lorasweep.warmstart import fit_probe, head_digest, head_inputs, head_layer
+from lorasweep.model.warmstart import fit_probe, head_digest, head_inputs, head_layer
 
 SPLIT_METRICS = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro")
 NO_TRAINING = ["training.max_steps=-1", "training.num_train_epochs=0"]
@@ -152,7 +152,7 @@ def test_the_run_ends_with_its_best_epoch_not_its_last(tmp_path):
     those predictions."""
     import pandas as pd
 
-    from conftest import SAMPLE
+    from helpers import SAMPLE
 
     csv = tmp_path / "small.csv"
     pd.read_parquet(SAMPLE).sample(600, random_state=0).to_csv(csv, index=False)
@@ -185,7 +185,7 @@ def test_the_head_and_pooler_learn_at_their_own_rate(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
-    from lorasweep.trainer import OrderedEvalTrainer
+    from lorasweep.training.trainer import OrderedEvalTrainer
 
     config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, num_labels=3)

@@ -1,11 +1,14 @@
-"""Typed schemas for every config group, registered in Hydra's ConfigStore, and cross-field checks.
+"""Typed schemas for every config group, registered in Hydra's ConfigStore, and the checks a run's
+config passes before any data or model work.
 
 Each YAML under conf/<group>/ starts with `defaults: [base_<group>, _self_]`: the dataclass here
 enforces keys and types, so a typo or a wrong type fails at composition with the key's full path.
 One home per fact: a key's default value is the dataclass field's (what the group's default option
 gives), and a YAML sets only the keys in which its option differs. The allowed values of a key
-with a fixed set are in CHOICES, nowhere else. Checks that involve values (ranges, choices,
-combinations) live in `validate`, which reports every problem at once.
+with a fixed set are in CHOICES, nowhere else; the metric names `objective.metric` may take are
+`run_metric_names`. Checks that involve values (ranges, choices, combinations) live in `validate`,
+which reports every problem at once; `check_run_config` adds the one that needs the model's own
+config (its position limit).
 """
 
 from __future__ import annotations
@@ -13,19 +16,23 @@ from __future__ import annotations
 import importlib
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from lorasweep.errors import ConfigError
 
-# conf/ at the repository root: what train.py, predict.py and export.py compose from.
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "conf")
+# The Hydra config tree shipped inside the package (in a clone: the repository's conf/, linked).
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+
+# What *ForSequenceClassification models call their classification head.
+HEAD_NAMES = ("classifier", "score")
+
 
 def package_dir(module_name: str, subdir: str = "") -> str:
-    """Directory of an installed package (plus `subdir`): how offline model packages are found."""
+    """A path inside an installed package (its directory, plus `subdir`): how the offline model
+    package and lorasweep's own sample data are found from any working directory."""
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -57,10 +64,8 @@ class ModelConfig:
 @dataclass
 class LoraSettings:
     enable: bool = True
-    # Rank 16 on every Linear layer but the head, alpha 16, no dropout: measured against rank 8
-    # on the attention query/value (lora=attention) in README "Measured". alpha 32 scored 0.015
-    # lower on the sample ledger; LoRA dropout on every layer copies each layer's input (1.2x the
-    # step time).
+    # Rank 16 on every Linear layer but the head, alpha 16, no dropout (README "Measured" has the
+    # comparisons). LoRA dropout on every layer copies each layer's input: it costs step time.
     r: int = 16
     alpha: int = 16
     dropout: float = 0.0
@@ -70,7 +75,7 @@ class LoraSettings:
     bias: str = "none"
     task_type: str = "SEQ_CLS"
     # The classification head is trained in full and saved with the adapter.
-    modules_to_save: List[str] = field(default_factory=lambda: ["classifier", "score"])
+    modules_to_save: List[str] = field(default_factory=lambda: list(HEAD_NAMES))
 
 
 @dataclass
@@ -89,8 +94,7 @@ class TrainingSettings:
     per_device_train_batch_size: int = 32
     per_device_eval_batch_size: int = 128
     gradient_accumulation_steps: int = 1
-    # LoRA takes a higher lr than full fine-tuning; MiniLM + LoRA on the sample ledger reaches
-    # macro-F1 >= 0.8 in a few CPU minutes with it.
+    # LoRA adapters take a higher learning rate than full fine-tuning does.
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: float = 0.06  # a float in [0, 1) is a ratio of total steps (transformers 5)
@@ -122,15 +126,14 @@ class TrainingSettings:
 
 @dataclass
 class LossSettings:
-    name: str = "ce"
-    use_class_weights: bool = False
+    name: str = "weighted_ce"
+    use_class_weights: bool = True  # weights from the train split's class counts; false: uniform
     alpha: float = 0.5  # weights = (1 / frequency) ** alpha
     weight_min: float = 0.1
     weight_max: float = 10.0
     gamma: float = 2.0  # focal only
     # Targets of 0.9 on the label, the rest spread over all classes: a mislabelled train row
-    # (ledgers have booking mistakes) is not memorised. Better on both realistic data sets over
-    # three seeds, and less spread between seeds (README "Measured" has the figures).
+    # (ledgers have booking mistakes) is not memorised (README "Measured" has the figures).
     label_smoothing: float = 0.1
 
 
@@ -170,7 +173,7 @@ class TrackingSettings:
     # More key names to mask wherever a config leaves the process (params, tags, config.yaml,
     # .hydra/, training_args.bin), matched as whole words: [pin] masks data.db_pin, not .spinner.
     # Always masked: *_token, token, password, passwd, secret, credential(s), api_key, access_key,
-    # private_key (redaction.py).
+    # private_key (lorasweep.redaction).
     secret_keys: List[str] = field(default_factory=list)
 
 
@@ -238,6 +241,27 @@ def register_configs() -> None:
 
 
 register_configs()
+
+# The names of the metrics a run produces: what objective.metric may name. Here, not with the
+# metrics' code, so that a config is checked without importing `evaluate` and scikit-learn.
+METRIC_NAMES = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro")
+# What the Trainer adds for an evaluated split, beside the metrics above.
+TRAINER_SPLIT_METRICS = ("loss", "runtime", "samples_per_second", "steps_per_second")
+# Scored models per split: the fine-tuned one, the TF-IDF baseline, the probe head, the blend of
+# the model with the baseline.
+SCORED_VARIANTS = ("", "baseline_", "probe_", "blend_")
+HIERARCHY_METRIC_NAMES = ("accuracy", "f1_macro")  # per prefix, from hierarchy_metrics
+
+
+def run_metric_names(hierarchy_prefixes: Sequence[int]) -> List[str]:
+    """Every eval_/test_ metric a run with these settings can produce (what objective.metric
+    may name). Names that never appear in metrics.json would only fail after training."""
+    names = [f"{split}_{variant}{name}" for split in ("eval", "test")
+             for variant in SCORED_VARIANTS for name in METRIC_NAMES + TRAINER_SPLIT_METRICS]
+    names += [f"test_prefix{p}_{name}" for p in hierarchy_prefixes
+              for name in HIERARCHY_METRIC_NAMES]
+    return names + ["train_loss"]
+
 
 # The allowed values of every key with a fixed set: `validate` checks them, modeling keys its dtype
 # map from model.dtype's; field comments and YAML comments point here instead of listing them.
@@ -337,8 +361,6 @@ def _split_size_errors(data_cfg) -> List[str]:
 
 
 def _objective_errors(cfg: DictConfig) -> List[str]:
-    from lorasweep.metric_names import run_metric_names
-
     metric = cfg.objective.metric
     if metric in run_metric_names(cfg.metrics.hierarchy_prefixes):
         if ("_baseline_" in metric or "_blend_" in metric) and cfg.baseline == "none":
@@ -358,3 +380,37 @@ def validate(cfg: DictConfig) -> None:
     errors = _value_errors(cfg) + _combination_errors(cfg)
     if errors:
         raise ConfigError("; ".join(errors))
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Everything a training run checks before it reads data or loads a model."""
+    validate(cfg)
+    check_max_length(cfg.data.max_length, cfg.model, "data.max_length")
+
+
+def model_position_limit(model_cfg) -> Optional[int]:
+    """The most token positions the model takes (`max_position_embeddings`); None when that is
+    unknown without loading weights (a hub id: its own load reports any problem)."""
+    from transformers import AutoConfig
+
+    try:
+        if model_cfg.arch is not None:
+            arch = dict(model_cfg.arch)
+            config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        elif model_cfg.name_or_path and os.path.isdir(model_cfg.name_or_path):
+            config = AutoConfig.from_pretrained(model_cfg.name_or_path,
+                                                trust_remote_code=model_cfg.trust_remote_code)
+        else:
+            return None
+    except (OSError, ValueError, KeyError):
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_max_length(max_length: int, model_cfg, key: str) -> None:
+    """A longer input than the position embeddings would fail deep inside the model's forward."""
+    limit = model_position_limit(model_cfg)
+    if limit is not None and max_length > limit:
+        source = model_cfg.name_or_path or f"model.arch ({model_cfg.arch.model_type})"
+        raise ConfigError(f"{key}={max_length}: the model takes at most {limit} tokens "
+                          f"(max_position_embeddings of {source}); set {key} <= {limit}")

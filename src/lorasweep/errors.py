@@ -1,13 +1,12 @@
-"""User mistakes (exit code 2, one line, no traceback) versus bugs (traceback, exit code 1)."""
+"""User mistakes versus bugs: the exception types of a user's mistake, and the one line that says it.
+
+A `UserError` (and Hydra's or OmegaConf's own errors about a config) becomes one line and exit code
+2 in `lorasweep.cli.harness`; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
-import os
 import re
-import sys
-from typing import Callable
-
-EXIT_USER_ERROR = 2
 
 # transformers 5 renamed these; configs written for transformers 4 still use the old names.
 RENAMED_KEYS = {
@@ -27,13 +26,6 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     pass
-
-
-def _hydra_user_errors() -> tuple:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    return (UserError, HydraException, OmegaConfBaseException)
 
 
 # Parts of Hydra/OmegaConf messages that say nothing to a user of this tool.
@@ -62,46 +54,3 @@ def one_line(exc: BaseException) -> str:
         if re.search(rf"\b{old}\b", text):
             text += f" -- '{old}' was removed: use {new}"
     return text
-
-
-def exit_with_user_error(exc: BaseException) -> None:
-    print(f"lorasweep: error: {one_line(exc)}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
-
-
-def run_cli(entry: Callable[[], object]) -> None:
-    """Run a Hydra entrypoint; print user errors as one line and exit 2, let bugs raise.
-    Ctrl-C and SIGTERM end in one line too (exit 130 / 143), after the run recorded them."""
-    from lorasweep.interrupts import Terminated, exit_interrupted, raise_on_sigterm
-
-    # Make Hydra re-raise instead of printing a trimmed traceback and exiting 1.
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    raise_on_sigterm()
-    try:
-        entry()
-    except _hydra_user_errors() as exc:
-        exit_with_user_error(exc)
-    except (KeyboardInterrupt, Terminated) as exc:
-        exit_interrupted(exc)
-
-
-def exit_2_on_user_error(task: Callable, *args):
-    """Call `task(*args)` from a Hydra task function (train, predict, export main).
-
-    A user error in a single run prints one line and exits 2 here, before Hydra adds its own
-    "Error executing job" line. In a multirun, or with no Hydra at all (tests call `main(cfg)`),
-    it propagates: the sweeper records the trial as failed and goes on to the next.
-    """
-    try:
-        return task(*args)
-    except _hydra_user_errors() as exc:
-        if not _single_hydra_run():
-            raise
-        exit_with_user_error(exc)
-
-
-def _single_hydra_run() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN

@@ -1,34 +1,30 @@
 """Export a run as a plain transformers model: LoRA merged into the base weights, no peft needed.
 
-    python src/lorasweep/export.py run_dir=multirun/runs/X output=exported/ledger-classifier
+    lorasweep-export run_dir=multirun/runs/X output=exported/ledger-classifier
+    (or python -m lorasweep.export ..., or python src/lorasweep/export.py ... in a clone)
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     model = AutoModelForSequenceClassification.from_pretrained("exported/ledger-classifier")
 
 The dir also holds lorasweep_serialization.json: the text columns, separator, etc. that turn a
-table row into the model's input text (lorasweep.serialization.serialize_row), and the max_length.
-The run's blend with its TF-IDF baseline (blend/) is not part of the export: a transformers model
-cannot hold it. predict.py on the run dir applies it.
+table row into the model's input text (lorasweep.data.serialization.serialize_row), and the
+max_length. The run's blend with its TF-IDF baseline (blend/) is not part of the export: a
+transformers model cannot hold it. lorasweep-predict on the run dir applies it.
 """
 
 import os
-import sys
+from dataclasses import dataclass
+from typing import Any, Dict
 
-if __package__ in (None, ""):
-    # Run as a script: make `lorasweep` importable, keep this dir off sys.path (see train.py).
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
 
-import shutil  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any, Dict  # noqa: E402
-
-import hydra  # noqa: E402
-from hydra.core.config_store import ConfigStore  # noqa: E402
-from omegaconf import MISSING, DictConfig  # noqa: E402
-
-from lorasweep import runs  # noqa: E402
-from lorasweep.config import CONF_DIR  # noqa: E402
-from lorasweep.errors import ConfigError, exit_2_on_user_error, run_cli  # noqa: E402
+from lorasweep import outputs
+from lorasweep.cli.harness import exit_2_on_user_error, run_cli
+from lorasweep.config import CONF_DIR
+from lorasweep.errors import ConfigError
+from lorasweep.runs import load as runs
 
 SERIALIZATION_FILE = "lorasweep_serialization.json"
 
@@ -60,8 +56,6 @@ def merged_model(model):
 
 def export_run(cfg) -> Dict[str, Any]:
     """Write the merged model, tokenizer and serializer settings to `cfg.output`; a summary."""
-    from lorasweep import outputs
-
     run_dir, output = cfg.run_dir, cfg.output
     check_output_dir(output)
     runs.check_run_dir(run_dir)
@@ -71,17 +65,11 @@ def export_run(cfg) -> Dict[str, Any]:
     model.config.label2id = label_map.label2id
     serialization = {**runs.run_serialization(run_dir, cfg), "max_length": cfg.data.max_length,
                      "label_column": cfg.data.label_column}
-    # Build in a sibling temp dir and rename: a crash never leaves a half-written export.
-    tmp = f"{os.path.abspath(output).rstrip(os.sep)}.tmp-{os.getpid()}"
-    try:
+    # Built beside it and renamed into place (over an empty dir): never a half-written export.
+    with outputs.atomic_path(output.rstrip(os.sep)) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         outputs.write_json(tmp, SERIALIZATION_FILE, serialization)
-        if os.path.isdir(output):
-            os.rmdir(output)  # empty (checked above); rename cannot replace a directory
-        os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"output": os.path.abspath(output), "model_class": type(model).__name__,
             "num_labels": len(label_map.labels),
             "has_blend": os.path.isdir(os.path.join(run_dir, outputs.BLEND_DIR))}
@@ -94,7 +82,7 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
           f"to {summary['output']}", flush=True)
     if summary["has_blend"]:
         print("  the model alone: the run's blend with its TF-IDF baseline is not exported "
-              "(predict.py on the run dir applies it)", flush=True)
+              "(lorasweep-predict on the run dir applies it)", flush=True)
     return summary
 
 

@@ -4,7 +4,7 @@ SLURM and most schedulers send SIGTERM before they kill a job. Python's default 
 process on the spot, so the MLflow run would stay RUNNING forever. Raised as an exception instead,
 it unwinds like a KeyboardInterrupt: the run ends KILLED with its reason, checkpoints already
 written stay (a rerun of the same command resumes from the last complete one), and the process
-exits with one line and the shell's code for the signal.
+exits with one line and the shell's code for the signal (`lorasweep.cli.harness`).
 
 Python runs a signal's handler between two bytecodes of the main thread. When those belong to a
 weakref callback or a `__del__` (garbage collection, mid-step), the raised exception is printed
@@ -16,12 +16,10 @@ evaluation) raises it again.
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from typing import Optional
 
-EXIT_SIGINT = 130  # 128 + the signal number, as a shell reports a process killed by it
-EXIT_SIGTERM = 143
+from lorasweep.errors import one_line
 
 
 class Terminated(BaseException):
@@ -77,17 +75,8 @@ def run_status(exc: BaseException) -> str:
 
 def failure_reason(exc: BaseException) -> str:
     """The failure_reason tag: never empty (a KeyboardInterrupt has no message)."""
-    from lorasweep.errors import one_line
-
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
     if isinstance(exc, Terminated):
         return "interrupted (SIGTERM)"
     return one_line(exc)[:5000] or type(exc).__name__
-
-
-def exit_interrupted(exc: BaseException) -> None:
-    print(f"lorasweep: {failure_reason(exc)}; rerun the same command to resume from the last "
-          "complete checkpoint (when training.save_strategy writes them)", file=sys.stderr,
-          flush=True)
-    sys.exit(EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT)

@@ -14,13 +14,10 @@ keeping it lets a saved config be reloaded without the secret.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Iterable, List, Sequence
 
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 MASK = "****"
 
@@ -102,62 +99,3 @@ def mask_override(override: str, extra: Iterable[str] = ()) -> str:
 def mask_overrides(overrides: Iterable[str], extra: Iterable[str] = ()) -> List[str]:
     extra = tuple(extra)
     return [mask_override(str(o), extra) for o in overrides]
-
-
-def mask_yaml_file(path: str, extra: Iterable[str] = ()) -> bool:
-    """Rewrite a YAML file Hydra saved (a config, Hydra's own config, or the overrides list)
-    with its secrets masked; True if anything was. The file is replaced whole (temp + rename)."""
-    node = OmegaConf.load(path)
-    original = OmegaConf.to_container(node, resolve=False)
-    if isinstance(node, ListConfig):  # overrides.yaml
-        masked: Any = mask_overrides(original, extra)
-    else:
-        masked = masked_container(node, extra, resolve=False)
-        if isinstance(masked.get("hydra"), dict):
-            _mask_hydra_node(masked["hydra"], extra)
-    if masked == original:
-        return False
-    tmp = f"{path}.tmp-{os.getpid()}"
-    OmegaConf.save(OmegaConf.create(masked), tmp)
-    os.replace(tmp, path)
-    return True
-
-
-def _mask_hydra_node(hydra: dict, extra: Iterable[str]) -> None:
-    """The overrides Hydra keeps in its config, and `job.override_dirname` made from them
-    (Hydra's own recipe: sorted overrides minus excluded keys, `=` replaced by kv_sep)."""
-    overrides = hydra.get("overrides") or {}
-    for name in ("task", "hydra"):
-        if isinstance(overrides.get(name), list):
-            overrides[name] = mask_overrides(overrides[name], extra)
-    job = hydra.get("job") or {}
-    dirname_cfg = (job.get("config") or {}).get("override_dirname")
-    if isinstance(job.get("override_dirname"), str) and dirname_cfg:
-        lines = sorted(o for o in overrides.get("task") or []
-                       if override_key(o) not in (dirname_cfg.get("exclude_keys") or []))
-        joined = str(dirname_cfg.get("item_sep", ",")).join(lines)
-        job["override_dirname"] = joined.replace("=", str(dirname_cfg.get("kv_sep", "=")))
-
-
-def hydra_copies(config: DictConfig) -> List[str]:
-    """The files Hydra wrote for this job: `<run dir>/.hydra/*.yaml`, and a grid sweep's
-    `multirun.yaml` in the sweep dir."""
-    paths = []
-    if config.hydra.output_subdir is not None:
-        folder = os.path.join(config.hydra.runtime.output_dir, config.hydra.output_subdir)
-        paths += [os.path.join(folder, n) for n in ("config.yaml", "hydra.yaml", "overrides.yaml")]
-    if config.hydra.mode == RunMode.MULTIRUN:
-        paths.append(os.path.join(config.hydra.sweep.dir, "multirun.yaml"))
-    return [p for p in paths if os.path.isfile(p)]
-
-
-class MaskHydraCopies(Callback):
-    """Hydra saves the copies above, secrets included, just before `on_job_start`, in every
-    process that runs the job (each rank of a launched run writes them again). Masking them
-    here, in the process that wrote them, leaves none unmasked, whatever the rank order, and
-    before any training: a crash later cannot leave a secret behind."""
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        extra = OmegaConf.select(config, "tracking.secret_keys", default=None) or []
-        for path in hydra_copies(config):
-            mask_yaml_file(path, extra)

@@ -54,7 +54,7 @@ def classification_metrics(predictions: Sequence[int], references: Sequence[int]
 def scored_metrics(predictions: Sequence[int], references: Sequence[int], prefix: str,
                    variant: str) -> Dict[str, float]:
     """`<prefix>_<variant><metric>` for each metric: how a scored model other than the fine-tuned
-    one (metric_names.SCORED_VARIANTS: "baseline_", "probe_", "blend_") names its scores."""
+    one (config.SCORED_VARIANTS: "baseline_", "probe_", "blend_") names its scores."""
     scores = classification_metrics(predictions, references)
     return {f"{prefix}_{variant}{name}": value for name, value in scores.items()}
 

@@ -1,4 +1,5 @@
-"""The prepared-data cache: its key, and writing and reading an entry.
+"""The prepared-data cache: `PreparedData` (what a run trains on), its key, and writing and reading
+an entry.
 
 A prepared result (splits, label map, tokenization, diagnostics) is stored under
 `<data.cache_dir>/prepared/<key>`. The key hashes the bytes of the input files, every data setting
@@ -11,22 +12,36 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 import datasets
 
 from lorasweep.console import no_progress_bars
+from lorasweep.data.labels import LabelMap
+from lorasweep.data.serialization import serialize_batch
+from lorasweep.data.tables import expand_files
 from lorasweep.errors import DataError, one_line
-from lorasweep.labels import LabelMap
-from lorasweep.tables import expand_files, load_dataset_dict
+from lorasweep.outputs import atomic_path
 
-if TYPE_CHECKING:
-    from lorasweep.data import PreparedData
+
+@dataclass
+class PreparedData:
+    raw: datasets.DatasetDict  # the split rows, label column as class names
+    tokenized: datasets.DatasetDict  # input_ids, attention_mask, (token_type_ids), labels
+    label_map: LabelMap
+    serialization: Dict[str, Any]
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+    def texts(self, split: str) -> List[str]:
+        """The serialized text of every row of a split, as the model saw it (untruncated)."""
+        return serialize_batch(self.raw[split].to_dict(), self.serialization)
+
 
 # Data settings that change nothing in the prepared result; the paths are replaced by the hash of
 # the files' bytes (a moved file is still a hit, an edited one is a miss).
 NOT_IN_KEY = ("cache_dir", "num_proc", "train_path", "valid_path", "test_path")
-CACHE_VERSION = 4  # 3: CSV and JSONL cells read as text; 4: no separate text_columns entry
+CACHE_VERSION = 4  # raised whenever an entry's layout or what preparation produces changes
 
 
 def input_files(data_cfg) -> Dict[str, List[str]]:
@@ -42,8 +57,6 @@ def dataset_dict_files(root: str) -> List[str]:
     """The files `save_to_disk` wrote, read from its manifests. Not a directory listing: datasets
     writes `map` cache files beside them, which would change the key on every run."""
     manifest = os.path.join(root, "dataset_dict.json")
-    if not os.path.isfile(manifest):
-        load_dataset_dict(root)  # raises the error that says what is wrong with the directory
     files = [manifest]
     try:
         with open(manifest) as fh:
@@ -79,8 +92,6 @@ def prepared_key(data_cfg, tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -96,35 +107,31 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 
-def save_prepared(prepared: "PreparedData", path: str) -> None:
+def save_prepared(prepared: PreparedData, path: str) -> None:
     """Write the whole prepared result to a temp dir and rename it into place, so a crash never
     leaves a half-written entry and a reader sees either nothing or everything."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with no_progress_bars():
-        prepared.raw.save_to_disk(os.path.join(tmp, "raw"))
-        prepared.tokenized.save_to_disk(os.path.join(tmp, "tokenized"))
     payload = {"label_map": prepared.label_map.to_json(),
                "serialization": prepared.serialization, "metadata": prepared.metadata}
-    with open(os.path.join(tmp, "prepared.json"), "w") as fh:
-        json.dump(payload, fh, indent=2)
     try:
-        os.replace(tmp, path)
-    except OSError:  # another process won the race; its copy is identical
-        import shutil
+        with atomic_path(path) as tmp, no_progress_bars():
+            prepared.raw.save_to_disk(os.path.join(tmp, "raw"))
+            prepared.tokenized.save_to_disk(os.path.join(tmp, "tokenized"))
+            with open(os.path.join(tmp, "prepared.json"), "w") as fh:
+                json.dump(payload, fh, indent=2)
+    except OSError:
+        if not os.path.isfile(os.path.join(path, "prepared.json")):
+            raise
+        # another process won the race: its entry is complete, and identical
 
-        shutil.rmtree(tmp, ignore_errors=True)
 
-
-def load_prepared(path: str) -> Optional[Dict[str, Any]]:
-    """The fields of the cached `PreparedData` at `path`, or None when there is no complete entry.
-
-    Fields, not the object: `PreparedData` lives in data.py, which imports this module."""
+def load_prepared(path: str) -> Optional[PreparedData]:
+    """The cached `PreparedData` at `path`, or None when there is no complete entry."""
     manifest = os.path.join(path, "prepared.json")
     if not os.path.isfile(manifest):
         return None
     with open(manifest) as fh:
         payload = json.load(fh)
-    return {"raw": datasets.load_from_disk(os.path.join(path, "raw")),
-            "tokenized": datasets.load_from_disk(os.path.join(path, "tokenized")),
-            "label_map": LabelMap.from_json(payload["label_map"]),
-            "serialization": payload["serialization"], "metadata": payload["metadata"]}
+    return PreparedData(raw=datasets.load_from_disk(os.path.join(path, "raw")),
+                        tokenized=datasets.load_from_disk(os.path.join(path, "tokenized")),
+                        label_map=LabelMap.from_json(payload["label_map"]),
+                        serialization=payload["serialization"], metadata=payload["metadata"])

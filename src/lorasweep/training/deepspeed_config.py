@@ -1,14 +1,22 @@
-"""The `deepspeed` config group as the plain dict `TrainingArguments(deepspeed=...)` takes.
+"""What DeepSpeed needs before it starts: the `deepspeed` config group as the plain dict
+`TrainingArguments(deepspeed=...)` takes, DeepSpeed's own "will it fit" memory estimate, and no
+stale build lock of one of its ops.
 
-(Named deepspeed_config, not deepspeed, so it never shadows the DeepSpeed package.)
+DeepSpeed compiles some ops on first use (on CPU, its shared-memory communication op) under a lock
+file in torch's extensions dir. A build that is killed (Ctrl-C during a first run) leaves the lock,
+and every later run would wait on it forever: `clear_stale_build_locks` removes such a lock, with a
+warning line. It is not the user's doing, so it is no error.
 """
 
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import logging
-from typing import Any, Dict, Optional
+import os
+import time
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
@@ -97,3 +105,65 @@ def estimate_model_state_memory(ds_config: Dict[str, Any], total_params: int,
     return (f"ZeRO-{stage} memory estimate for model states, {total_params / 1e6:.1f}M params on "
             f"{world_size} rank(s): {gpu / 2**30:.2f} GiB per GPU, {cpu / 2**30:.2f} GiB CPU "
             "(DeepSpeed estimator, full fine-tuning upper bound; LoRA needs less)")
+
+
+def extension_build_locks() -> List[str]:
+    """The `lock` files of torch's JIT-built extensions (DeepSpeed builds its CPU shared-memory
+    communication op this way on first use), where torch.utils.cpp_extension puts them."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return glob.glob(os.path.join(root, "*", "lock"))
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return glob.glob(os.path.join(get_default_build_root(), "*", "*", "lock"))
+
+
+def held_open(path: str) -> Optional[bool]:
+    """Whether some process has `path` open (Linux /proc); None when that cannot be told."""
+    if not os.path.isdir("/proc/self/fd"):
+        return None
+    target = os.path.realpath(path)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        fd_dir = os.path.join("/proc", pid, "fd")
+        try:
+            fds = os.listdir(fd_dir)
+        except FileNotFoundError:  # the process ended
+            continue
+        except PermissionError:  # another user's process: it might hold the lock
+            return None
+        for fd in fds:
+            try:
+                if os.readlink(os.path.join(fd_dir, fd)) == target:
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def clear_stale_build_locks(min_age_seconds: float = 30.0) -> List[str]:
+    """Remove extension build locks that no process holds; return their paths.
+
+    torch takes the lock by creating the file and keeps it open while it builds; a build that
+    is killed (Ctrl-C during a first DeepSpeed run) leaves the file behind, and every later run
+    waits on it forever. A lock younger than `min_age_seconds` is left to its builder."""
+    removed = []
+    for lock in extension_build_locks():
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except FileNotFoundError:
+            continue
+        if age < min_age_seconds:
+            continue
+        held = held_open(lock)
+        if held is None:
+            log.warning("build lock %s is %.0f s old and may be stale: if this run waits at "
+                        "DeepSpeed's start, stop it and delete that file", lock, age)
+        elif not held:
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                continue
+            removed.append(lock)
+            log.warning("removed a stale build lock %s (left by a killed build; no process "
+                        "holds it), which would have made DeepSpeed wait forever", lock)
+    return removed

@@ -1,46 +1,33 @@
 """Turn the configured input into `PreparedData`: split rows, label map, tokenized splits.
 
-`prepare_data` chains the steps, each a module-level function in its own module: tables.py reads
-and splits, labels.py builds the label map, serialization.py turns rows into text, and datacache.py
-keys and stores the result. This module owns the chain itself, tokenization, a DatasetDict that
-arrives tokenized already, and the diagnostics (token lengths, class counts) logged for each run.
+`prepare_data` chains the steps, each a module-level function in its own module of this package:
+tables reads and splits, labels builds the label map, serialization turns rows into text, and
+cache keys and stores the result. This module owns the chain itself, tokenization, a DatasetDict
+that arrives tokenized already, and the diagnostics (token lengths, class counts) logged for each
+run.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import datasets
 import numpy as np
 
 from lorasweep import distributed
-from lorasweep.datacache import load_prepared, prepared_key, save_prepared
+from lorasweep.data.cache import PreparedData, load_prepared, prepared_key, save_prepared
+from lorasweep.data.labels import (LabelMap, build_label_map, check_class_count,
+                                   check_unknown_labels, pad_label_slots)
+from lorasweep.data.serialization import serialization_settings, serialize_batch
+from lorasweep.data.tables import SPLITS, load_dataset_dict, load_splits
 from lorasweep.errors import DataError
-from lorasweep.labels import (LabelMap, build_label_map, check_class_count, check_unknown_labels,
-                              pad_label_slots)
-from lorasweep.serialization import serialization_settings, serialize_batch
-from lorasweep.tables import SPLITS, load_dataset_dict, load_splits
 
 log = logging.getLogger(__name__)
 
 MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 PERCENTILES = (50, 75, 90, 95, 99)
-
-
-@dataclass
-class PreparedData:
-    raw: datasets.DatasetDict  # the split rows, label column as class names
-    tokenized: datasets.DatasetDict  # input_ids, attention_mask, (token_type_ids), labels
-    label_map: LabelMap
-    serialization: Dict[str, Any]
-    metadata: Dict[str, Any] = field(default_factory=dict)
-
-    def texts(self, split: str) -> List[str]:
-        """The serialized text of every row of a split, as the model saw it (untruncated)."""
-        return serialize_batch(self.raw[split].to_dict(), self.serialization)
 
 
 # ---------------------------------------------------------------------------- tokenized input
@@ -211,6 +198,7 @@ def prepare_data(data_cfg, tokenizer) -> PreparedData:
     Rank 0 prepares first and fills the cache; the other ranks then load it. A bad input raises on
     rank 0 inside the block and, after the barrier, on every other rank too.
     """
+    loaded = None  # a saved DatasetDict, loaded once here and used from here on
     if data_cfg.source == "hf_disk":
         loaded = load_dataset_dict(data_cfg.train_path)
         if "input_ids" in loaded["train"].column_names:  # tokenized already: used in place
@@ -222,16 +210,18 @@ def prepare_data(data_cfg, tokenizer) -> PreparedData:
         if cached is not None:
             log.info("data cache hit: %s (key %s): splits, label map and tokenization loaded",
                      path, key)
-            return PreparedData(**cached)
+            return cached
         log.info("data cache miss (key %s): splitting and tokenizing", key)
-        prepared = build_prepared(data_cfg, tokenizer)
+        prepared = build_prepared(data_cfg, tokenizer, loaded)
         if distributed.is_rank_zero():
             save_prepared(prepared, path)
         return prepared
 
 
-def build_prepared(data_cfg, tokenizer) -> PreparedData:
-    splits, text_columns, split_report = load_splits(data_cfg)
+def build_prepared(data_cfg, tokenizer,
+                   loaded: Optional[datasets.DatasetDict] = None) -> PreparedData:
+    """`loaded`: the DatasetDict of `data=hf_disk`, when the caller has it loaded already."""
+    splits, text_columns, split_report = load_splits(data_cfg, loaded)
     check_class_count(splits["train"].unique(data_cfg.label_column), data_cfg.label_column)
     label_map = build_label_map(splits["train"][data_cfg.label_column], data_cfg.max_classes,
                                 data_cfg.dummy_prefix)

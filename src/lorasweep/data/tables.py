@@ -1,6 +1,8 @@
-"""Reading the input tables and splitting them: files, globs and saved DatasetDicts in.
+"""Reading the input tables and splitting them: files, globs and saved DatasetDicts in; and writing
+a table of predictions out.
 
-Owns every reader (parquet, CSV, JSONL, pickle, `save_to_disk` directories), the column checks,
+Owns every reader (parquet, CSV, JSONL, pickle, `save_to_disk` directories) and the writer, the
+column checks,
 label normalisation (labels become class-name strings, whitespace stripped) and the stratified
 train/validation/test split. Tables are read through `datasets` (Arrow, memory-mapped), so a large
 file is not held in memory. CSV and JSONL cells are read as the text the file holds: account codes,
@@ -20,13 +22,15 @@ from typing import Any, Dict, List, Optional, Sequence
 import datasets
 import numpy as np
 
+from lorasweep.data.labels import label_to_text
 from lorasweep.errors import DataError, one_line
-from lorasweep.labels import label_to_text
+from lorasweep.outputs import atomic_path
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 READERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+WRITERS = (".parquet", ".csv", ".jsonl")
 
 
 # ---------------------------------------------------------------------------- reading
@@ -269,10 +273,12 @@ def _stratify_or_none(labels: np.ndarray, fraction: float) -> Optional[np.ndarra
     return None
 
 
-def load_splits(data_cfg) -> tuple[datasets.DatasetDict, List[str], Dict[str, Any]]:
-    """Read the configured files and return (splits, text columns, split report)."""
+def load_splits(data_cfg, loaded: Optional[datasets.DatasetDict] = None
+                ) -> tuple[datasets.DatasetDict, List[str], Dict[str, Any]]:
+    """Read the configured files and return (splits, text columns, split report). `loaded`: the
+    DatasetDict of `data=hf_disk`, when the caller has loaded it already."""
     if data_cfg.source == "hf_disk":
-        return _load_hf_disk(data_cfg)
+        return _load_hf_disk(data_cfg, loaded)
     train = read_table(data_cfg.train_path, "data.train_path", data_cfg.allow_pickle)
     text_columns = check_columns(train, data_cfg.label_column, data_cfg.text_columns,
                                  data_cfg.train_path)
@@ -315,12 +321,30 @@ def load_dataset_dict(path: str) -> datasets.DatasetDict:
     return loaded
 
 
-def _load_hf_disk(data_cfg) -> tuple[datasets.DatasetDict, List[str], Dict[str, Any]]:
+def _load_hf_disk(data_cfg, loaded: Optional[datasets.DatasetDict]
+                  ) -> tuple[datasets.DatasetDict, List[str], Dict[str, Any]]:
     """A DatasetDict of table/text columns: serialized and tokenized like files are."""
     path = data_cfg.train_path
-    loaded = load_dataset_dict(path)
+    loaded = load_dataset_dict(path) if loaded is None else loaded
     text_columns = check_columns(loaded["train"], data_cfg.label_column, data_cfg.text_columns,
                                  path)
     splits = datasets.DatasetDict({s: normalise_labels(loaded[s], data_cfg.label_column, path)
                                    for s in SPLITS})
     return splits, text_columns, {"split": "given (load_from_disk)"}
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def write_table(frame, path: str) -> None:
+    """Write a DataFrame by the extension of `path` (one of WRITERS); a failed write leaves no
+    partial file, and an earlier file at `path` stays as it was."""
+    ext = os.path.splitext(path)[1].lower()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp:
+        if ext == ".parquet":
+            frame.to_parquet(tmp, index=False)
+        elif ext == ".csv":
+            frame.to_csv(tmp, index=False)
+        else:
+            frame.to_json(tmp, orient="records", lines=True, force_ascii=False)

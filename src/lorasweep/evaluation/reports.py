@@ -7,16 +7,23 @@ import json
 import os
 from typing import List, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # no display on training nodes
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lorasweep.metrics import per_class_report  # noqa: E402
+from lorasweep.evaluation.metrics import per_class_report
 
 REPORT_DIR = "reports"
 TOP_K = 20  # classes shown in the confusion matrix; the rest fold into "other"
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: every plot lorasweep draws is a file, and training
+    nodes have no display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def write_reports(run_dir: str, predictions: Sequence[int], references: Sequence[int],
@@ -57,6 +64,7 @@ def confusion_top_k(predictions: Sequence[int], references: Sequence[int], label
 
 
 def plot_confusion(path: str, predictions, references, labels, top_k: int) -> None:
+    plt = pyplot()
     matrix, names = confusion_top_k(predictions, references, labels, top_k)
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     size = max(6.0, 0.45 * len(names) + 2)
@@ -80,6 +88,7 @@ def plot_confusion(path: str, predictions, references, labels, top_k: int) -> No
 
 
 def plot_per_class_f1(path: str, rows: List[dict]) -> None:
+    plt = pyplot()
     rows = sorted(rows, key=lambda r: -r["support"])
     height = max(4.0, 0.28 * len(rows) + 1.5)
     fig, ax = plt.subplots(figsize=(8, height))

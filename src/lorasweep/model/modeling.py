@@ -6,20 +6,21 @@ import hashlib
 import json
 import logging
 import os
+
 import torch
 from filelock import FileLock
 from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification,
                           AutoTokenizer)
 
 from lorasweep import distributed
-from lorasweep.config import CHOICES
+from lorasweep.config import CHOICES, HEAD_NAMES
 from lorasweep.console import quiet_loading
-from lorasweep.labels import LabelMap
+from lorasweep.data.labels import LabelMap
 from lorasweep.errors import ConfigError, one_line
+from lorasweep.outputs import atomic_path
 
 log = logging.getLogger(__name__)
 
-HEAD_NAMES = ("classifier", "score")  # what *ForSequenceClassification models call the head
 # model.dtype names torch dtypes by their attribute names (torch.bfloat16, ...).
 DTYPES = {name: getattr(torch, name) for name in CHOICES["model.dtype"]}
 
@@ -54,7 +55,7 @@ def random_base_model(model_cfg, cache_dir: str, seed: int) -> str:
 
     From then on it loads through the same `from_pretrained` path as real weights, and the saved
     adapter's base is the same on every rank and every run. When to call it: see
-    `pipeline.set_up`. A file lock, not a barrier, so it works before any process group.
+    `lorasweep.training.pipeline.set_up`. A file lock, not a barrier, so it works before any process group.
     """
     arch = dict(model_cfg.arch)
     key = hashlib.sha256(json.dumps([arch, seed], sort_keys=True).encode()).hexdigest()[:16]
@@ -66,17 +67,15 @@ def random_base_model(model_cfg, cache_dir: str, seed: int) -> str:
             torch.manual_seed(seed)
             # Headless, like a pretrained checkpoint: the classifier is sized at load time.
             model = AutoModel.from_config(config)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with quiet_loading():
+            with quiet_loading(), atomic_path(path) as tmp:
                 model.save_pretrained(tmp)
-            os.replace(tmp, path)
     return path
 
 
 def build_model(model_cfg, label_map: LabelMap, tokenizer, base_path: str):
     """A sequence classifier with `num_labels` slots and the label names in its config.
 
-    When to call it (ZeRO-3 partitions at load): see `pipeline.set_up`.
+    When to call it (ZeRO-3 partitions at load): see `lorasweep.training.pipeline.set_up`.
     """
     try:
         with quiet_loading():

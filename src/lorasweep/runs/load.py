@@ -1,6 +1,6 @@
 """Reading a finished run back: its config, label map, row serializer, tokenizer and model.
 
-predict.py and export.py both start here; outputs.py says where each file of a run dir lives.
+predict and export both start here; lorasweep.outputs says where each file of a run dir lives.
 torch, transformers and datasets are imported by the functions that need them, so a tool can
 check its arguments (and the run dir) before paying for those imports.
 """
@@ -13,6 +13,9 @@ from typing import Any, Dict
 from omegaconf import DictConfig, OmegaConf
 
 from lorasweep import outputs
+from lorasweep.config import TrainConfig
+from lorasweep.data.labels import LabelMap
+from lorasweep.data.serialization import serialization_settings
 from lorasweep.errors import ConfigError, DataError, UserError
 
 
@@ -38,16 +41,12 @@ def load_run_config(run_dir: str) -> DictConfig:
     return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
 
 
-def load_label_map(run_dir: str):
-    from lorasweep.labels import LabelMap
-
+def load_label_map(run_dir: str) -> LabelMap:
     return LabelMap.from_json(outputs.read_json(run_dir, outputs.LABEL_MAP))
 
 
 def run_serialization(run_dir: str, cfg: DictConfig) -> Dict[str, Any]:
     """The exact serializer settings the run trained with (text columns resolved)."""
-    from lorasweep.serialization import serialization_settings
-
     meta_path = os.path.join(run_dir, outputs.DATASET_METADATA)
     if os.path.isfile(meta_path):
         settings = outputs.read_json(run_dir, outputs.DATASET_METADATA).get("serialization")
@@ -62,7 +61,7 @@ def load_model(run_dir: str, cfg: DictConfig, label_map, tokenizer):
     """Base model + the run's adapter (adapter/), or the fully fine-tuned model (model/)."""
     from transformers import AutoModelForSequenceClassification
 
-    from lorasweep.modeling import base_model_path, build_model
+    from lorasweep.model.modeling import base_model_path, build_model  # torch: on first use
 
     adapter_dir = os.path.join(run_dir, outputs.ADAPTER_DIR)
     if not os.path.isdir(adapter_dir):

@@ -1,7 +1,10 @@
-"""MLflow tracking from rank 0: one run per training, ended FINISHED or FAILED, never left RUNNING.
+"""MLflow tracking from rank 0: one run per training, ended FINISHED or FAILED, never left RUNNING,
+and a sweep's parent run, under which the trials nest their runs.
 
 The Trainer's own MLflowCallback is not used (`report_to="none"`): it would open a second run per
-rank and leave crashed runs RUNNING. `TrackingCallback` forwards the Trainer's logs instead.
+rank and leave crashed runs RUNNING. `lorasweep.training.callbacks.TrackingCallback` forwards the
+Trainer's logs to the run's `Tracker` instead. Light to import (no torch, no transformers): the
+sweep callback, which every command loads, imports it.
 """
 
 from __future__ import annotations
@@ -13,16 +16,16 @@ import subprocess
 import urllib.request
 from typing import Any, Dict, Optional
 
-from omegaconf import DictConfig
-from transformers import TrainerCallback
+from omegaconf import DictConfig, OmegaConf
 
 from lorasweep import distributed
-from lorasweep.errors import ConfigError
-from lorasweep.redaction import MASK, masked_container  # noqa: F401  (MASK: what params show)
-from lorasweep.sweep import PARENT_ENV
+from lorasweep.console import verbose
+from lorasweep.errors import ConfigError, one_line
+from lorasweep.redaction import masked_container
 
 log = logging.getLogger(__name__)
 
+PARENT_ENV = "LORASWEEP_PARENT_RUN_ID"  # a sweep's parent run id: its trials nest their runs
 
 
 class Tracker:
@@ -42,8 +45,6 @@ class Tracker:
 class MlflowTracker(Tracker):
     def __init__(self, uri: str, experiment_name: str, run_name: Optional[str]):
         import mlflow
-
-        from lorasweep.console import verbose
 
         if not verbose():  # mlflow resets its level on import: "Creating initial tables...", ...
             logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -146,8 +147,6 @@ def start_tracker(tracking_cfg) -> Tracker:
 def record_failed_run(cfg: DictConfig, exc: BaseException) -> None:
     """A FAILED run with the config and the reason, for a trial stopped before it could start
     (a sweep then shows every trial, each with why it failed)."""
-    from lorasweep.errors import one_line
-
     tracker = start_tracker(cfg.tracking)
     try:
         tracker.log_params(flatten_params(cfg))
@@ -157,7 +156,7 @@ def record_failed_run(cfg: DictConfig, exc: BaseException) -> None:
 
 
 def flatten_params(cfg: DictConfig) -> Dict[str, str]:
-    """The resolved config as flat `a.b.c -> value` params, secrets masked (redaction.py)."""
+    """The resolved config as flat `a.b.c -> value` params, secrets masked (lorasweep.redaction)."""
     container = masked_container(cfg, cfg.tracking.secret_keys)
     flat: Dict[str, str] = {}
     _flatten(container, "", flat)
@@ -181,12 +180,45 @@ def git_commit() -> str:
         return "unknown"
 
 
-class TrackingCallback(TrainerCallback):
-    """Forward every Trainer log (loss, lr, eval metrics, speed, memory) to the tracker."""
+def start_parent_run(config: DictConfig):
+    """Create the sweep's parent run (in this process, before any trial creates the store)."""
+    from mlflow.tracking import MlflowClient
 
-    def __init__(self, tracker: Tracker):
-        self.tracker = tracker
+    uri = resolve_uri(config.tracking)
+    if not server_reachable(uri):
+        log.warning("MLflow server %s unreachable: the sweep is not logged", uri)
+        return None
+    client = MlflowClient(uri)
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or config.tracking.experiment_name
+    experiment = client.get_experiment_by_name(name)
+    exp_id = experiment.experiment_id if experiment else client.create_experiment(name)
+    run = client.create_run(exp_id, run_name=f"sweep {os.path.basename(config.hydra.sweep.dir)}",
+                            tags={"lorasweep.sweep": "parent",
+                                  "sweep_dir": os.path.abspath(config.hydra.sweep.dir)})
+    os.environ[PARENT_ENV] = run.info.run_id  # trials nest their runs under it
+    sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
+    params = {f"sweeper.{k}": str(v)[:6000] for k, v in sweeper.items() if k != "params"}
+    params.update({f"search.{k}": str(v) for k, v in (sweeper.get("params") or {}).items()})
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    return client, run.info.run_id
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            self.tracker.log_metrics(logs, step=state.global_step)
+
+def finish_parent_run(parent, config: DictConfig, trials: list[dict[str, Any]],
+                      artifacts: list[str | None]) -> None:
+    client, run_id = parent
+    done = [t for t in trials if t["objective"] is not None]
+    try:
+        if done:
+            best = max(done, key=lambda t: t["objective"])
+            client.log_metric(run_id, "best_value", best["objective"])
+            client.set_tag(run_id, "best_params", best["params"])
+            client.set_tag(run_id, "best_trial", str(best["number"]))
+        client.log_metric(run_id, "n_trials", len(trials))
+        client.log_metric(run_id, "n_failed", len(trials) - len(done))
+        results = os.path.join(config.hydra.sweep.dir, "optimization_results.yaml")
+        for path in [*artifacts, results]:
+            if path and os.path.isfile(path):
+                client.log_artifact(run_id, path)
+    finally:
+        client.set_terminated(run_id, status="FINISHED" if done else "FAILED")

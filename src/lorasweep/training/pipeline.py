@@ -16,45 +16,50 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
-
 from omegaconf import DictConfig
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from lorasweep import __version__, distributed, outputs, reports
-from lorasweep.baseline import tfidf_baseline
-from lorasweep.blend import blend_fits, blend_metrics, save_blend
+from lorasweep import __version__, distributed, outputs
+from lorasweep.config import HEAD_NAMES, METRIC_NAMES, check_run_config
 from lorasweep.console import silence_library_noise
-from lorasweep.data import PreparedData, format_diagnostics, prepare_data
-from lorasweep.deepspeed_config import (build_deepspeed_config, count_model_parameters,
-                                        estimate_model_state_memory, zero_stage)
+from lorasweep.data.cache import PreparedData
+from lorasweep.data.prepare import format_diagnostics, prepare_data
+from lorasweep.data.tables import SPLITS
 from lorasweep.errors import ConfigError
+from lorasweep.evaluation import reports
+from lorasweep.evaluation.baseline import tfidf_baseline
+from lorasweep.evaluation.blend import blend_fits, blend_metrics, save_blend
+from lorasweep.evaluation.metrics import hierarchy_metrics
 from lorasweep.interrupts import failure_reason, run_status
-from lorasweep.losses import build_loss
-from lorasweep.metric_names import METRIC_NAMES
-from lorasweep.metrics import hierarchy_metrics
-from lorasweep.modeling import (HEAD_NAMES, apply_lora, base_model_path, build_model,
-                               count_parameters, load_tokenizer)
-from lorasweep.preflight import check_run_config
+from lorasweep.model.losses import build_loss
+from lorasweep.model.modeling import (apply_lora, base_model_path, build_model, count_parameters,
+                                      load_tokenizer)
+from lorasweep.model.warmstart import warm_start_head
 from lorasweep.redaction import mask_overrides
-from lorasweep.tables import SPLITS
-from lorasweep.tracking import (Tracker, TrackingCallback, flatten_params, git_commit,
-                                resolve_uri, start_tracker)
-from lorasweep.trainer import (best_epoch, build_trainer, build_training_arguments,
-                               evaluate_split, find_resume_checkpoint, save_model)
-from lorasweep.warmstart import warm_start_head
+from lorasweep.tracking.tracker import (Tracker, flatten_params, git_commit, resolve_uri,
+                                        start_tracker)
+from lorasweep.training.callbacks import TrackingCallback
+from lorasweep.training.deepspeed_config import (build_deepspeed_config, count_model_parameters,
+                                                 estimate_model_state_memory, zero_stage)
+from lorasweep.training.trainer import (best_epoch, build_trainer, build_training_arguments,
+                                        checkpoint_step, evaluate_split, find_resume_checkpoint,
+                                        save_model)
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, overrides: tuple = ()) -> Dict[str, Any]:
-    """Train, evaluate and save one model; return its metrics (also written to metrics.json)."""
+def run(cfg: DictConfig, overrides: tuple = (), check: bool = True) -> Dict[str, Any]:
+    """Train, evaluate and save one model; return its metrics (also written to metrics.json).
+    `check=False`: the caller has passed `cfg` through `config.check_run_config` already (the
+    CLI does, before it imports the training stack)."""
+    if check:
+        check_run_config(cfg)
     distributed.configure_logging(cfg.log_all_ranks, cfg.log_level)
     silence_library_noise()
     tracker = start_tracker(cfg.tracking)
     status = "FAILED"
-    try:  # a config that fails validation still gets a FAILED run with the reason (sweeps)
+    try:
         tracker.log_params(flatten_params(cfg))
-        check_run_config(cfg)
         os.makedirs(cfg.output_dir, exist_ok=True)
         set_seed(cfg.seed)
         ds_config = build_deepspeed_config(cfg.deepspeed)
@@ -100,7 +105,7 @@ def run_summary(metrics: Dict[str, Any], cfg: DictConfig, tracker: Tracker) -> s
         weight = metrics["blend_weight"]
         alone = " (the model adds nothing: TF-IDF alone)" if weight == 0 else ""
         lines.append(f"  blend: model weight {weight:.1f}, TF-IDF {1 - weight:.1f}{alone}, chosen "
-                     "on validation; predict.py applies it, blend=false there: the model alone")
+                     "on validation; lorasweep-predict applies it, blend=false there: the model alone")
     lines.append(f"  outputs: {os.path.abspath(cfg.output_dir)}")
     if tracker.problem:
         lines.append(f"  WARNING: nothing was logged to MLflow: {tracker.problem}")
@@ -210,7 +215,8 @@ def fit(cfg: DictConfig, recipe: Recipe) -> tuple[Dict[str, Any], Dict[str, np.n
                 recipe.tfidf = tfidf_model
     metrics = {**train_result.metrics, **eval_metrics, **test_metrics, **recipe.comparison,
                "best_epoch": best_epoch(trainer),
-               "resumed_from_step": _checkpoint_step(recipe.resume_from)}
+               "resumed_from_step": checkpoint_step(recipe.resume_from) if recipe.resume_from
+               else 0}
     test_pred = test_probs.argmax(axis=-1)
     hierarchy = hierarchy_metrics(test_pred, np.asarray(data.tokenized["test"]["labels"]),
                                   data.label_map.labels, cfg.metrics.hierarchy_prefixes)
@@ -264,10 +270,6 @@ def baseline_metrics(data: PreparedData):
                           {"eval": (data.texts("validation"), label_ids["validation"]),
                            "test": (data.texts("test"), label_ids["test"])},
                           len(data.label_map.labels))
-
-
-def _checkpoint_step(path) -> int:
-    return int(os.path.basename(os.path.normpath(path)).split("-")[-1]) if path else 0
 
 
 def write_data_files(cfg: DictConfig, data: PreparedData, run_dir: str) -> None:

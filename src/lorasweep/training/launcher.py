@@ -2,8 +2,9 @@
 
 An Optuna sweep must sample in ONE process (a sweeper inside every rank samples different
 parameters per rank: lightning-hydra-template #639, transformers #18609). So the sweeper process
-starts `deepspeed` (or `torchrun`) as a child with the trial's overrides and run dir, waits, and
-reads the objective back from the run dir's metrics.json. Plain `python train.py
+starts `deepspeed` (or `torchrun`) as a child with the trial's overrides and run dir, running the
+module `lorasweep.train` (so it works wherever lorasweep is installed), waits, and reads the
+objective back from the run dir's metrics.json. Plain `lorasweep-train
 distributed.nproc_per_node=2` uses the same path.
 
 Trials that run at once (`hydra/launcher=joblib`) are placed: on GPUs, each trial's ranks get
@@ -28,7 +29,7 @@ from lorasweep.redaction import mask_overrides
 
 log = logging.getLogger(__name__)
 
-TRAIN_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+TRAIN_MODULE = "lorasweep.train"
 
 
 @dataclass
@@ -106,8 +107,23 @@ def placement_for(hydra_cfg, nproc: int) -> Placement:
     return place_trial(job_num, at_once, batch, nproc, visible_gpus(), os.cpu_count() or 1)
 
 
+def config_arguments(hydra_cfg) -> List[str]:
+    """The command-line flags that chose this job's config, for a child that composes it again:
+    each `--config-dir` a user added, and `--config-name` unless it is the default `train`."""
+    if hydra_cfg is None:
+        return []
+    args = []
+    for source in hydra_cfg.runtime.config_sources:
+        if source.provider == "command-line" and source.schema == "file":
+            args += ["--config-dir", source.path]
+    if hydra_cfg.job.config_name not in (None, "train"):
+        args += ["--config-name", hydra_cfg.job.config_name]
+    return args
+
+
 def launcher_command(launcher: str, nproc: int, overrides: Sequence[str], run_dir: str,
-                     gpus: Optional[List[str]] = None) -> List[str]:
+                     gpus: Optional[List[str]] = None,
+                     config_args: Sequence[str] = ()) -> List[str]:
     # The child trains once on N ranks in this job's run dir; it must not spawn again.
     # hydra.mode=RUN: an overlay such as hparams_search=... would otherwise make it sweep again.
     args = [a for a in overrides if not a.startswith(("hydra.run.dir=", "hydra.mode=",
@@ -115,19 +131,23 @@ def launcher_command(launcher: str, nproc: int, overrides: Sequence[str], run_di
     args += [f"hydra.run.dir={run_dir}", "hydra.mode=RUN", "distributed.nproc_per_node=1"]
     port = ["--master_port", str(free_port())]
     if launcher == "torchrun":  # honours CUDA_VISIBLE_DEVICES (set by run_launched)
-        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                *port, "-m"]
     elif gpus:
         head = [sys.executable, "-m", "deepspeed.launcher.runner", "--include",
-                f"localhost:{','.join(gpus)}"]
+                f"localhost:{','.join(gpus)}", *port, "--module"]
     else:
-        head = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
-    return [*head, *port, TRAIN_SCRIPT, *args]
+        head = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+                *port, "--module"]
+    return [*head, TRAIN_MODULE, *config_args, *args]
 
 
 def run_launched(launcher: str, nproc: int, overrides: Sequence[str], run_dir: str,
-                 placement: Optional[Placement] = None, secret_keys: Sequence[str] = ()) -> Dict:
+                 placement: Optional[Placement] = None, secret_keys: Sequence[str] = (),
+                 config_args: Sequence[str] = ()) -> Dict:
     """Train on `nproc` ranks in a child launcher; return the metrics it wrote. `secret_keys`
-    (tracking.secret_keys) mask the command in the log, which goes to the run dir's train.log.
+    (tracking.secret_keys) mask the command in the log, which goes to the run dir's train.log;
+    `config_args`: the `config_arguments` the child composes its config with.
 
     The child gets its own process group (session); if this process is interrupted, the group
     gets SIGTERM (rank 0 then ends its MLflow run KILLED), and whatever is left after a grace
@@ -135,7 +155,7 @@ def run_launched(launcher: str, nproc: int, overrides: Sequence[str], run_dir: s
     """
     placement = placement or Placement()
     os.makedirs(run_dir, exist_ok=True)
-    cmd = launcher_command(launcher, nproc, overrides, run_dir, placement.gpus)
+    cmd = launcher_command(launcher, nproc, overrides, run_dir, placement.gpus, config_args)
     log.info("launching %d ranks%s: %s", nproc,
              f" on GPUs {','.join(placement.gpus)}" if placement.gpus else "",
              " ".join(mask_overrides(cmd, secret_keys)))

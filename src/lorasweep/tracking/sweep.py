@@ -2,7 +2,7 @@
 per job, and at the end a trials table (printed, CSV) and plots (optimization history, parameter
 importance) next to Hydra's optimization_results.yaml.
 
-Trials log their own nested MLflow child runs (tracking.py reads PARENT_ENV). The
+Trials log their own nested MLflow child runs (lorasweep.tracking.tracker reads PARENT_ENV). The
 per-trial record is a file in the trial's dir, so it also works when trials run in other
 processes (hydra/launcher=joblib).
 """
@@ -27,13 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lorasweep.errors import one_line
 from lorasweep.redaction import mask_overrides
+from lorasweep.tracking.tracker import finish_parent_run, start_parent_run
 
 log = logging.getLogger(__name__)
 
 TRIAL_RECORD = "trial.json"
 TRIALS_CSV = "trials.csv"
 IMPORTANCE_PNG = "param_importances.png"
-PARENT_ENV = "LORASWEEP_PARENT_RUN_ID"
 
 
 class SweepCallback(Callback):
@@ -79,32 +79,6 @@ class SweepCallback(Callback):
             finish_parent_run(self.parent, config, trials, [csv_path, *plots])
 
 
-def start_parent_run(config: DictConfig):
-    """Create the sweep's parent run (in this process, before any trial creates the store)."""
-    from mlflow.tracking import MlflowClient
-
-    from lorasweep.tracking import resolve_uri, server_reachable
-
-    uri = resolve_uri(config.tracking)
-    if not server_reachable(uri):
-        log.warning("MLflow server %s unreachable: the sweep is not logged", uri)
-        return None
-    client = MlflowClient(uri)
-    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or config.tracking.experiment_name
-    experiment = client.get_experiment_by_name(name)
-    exp_id = experiment.experiment_id if experiment else client.create_experiment(name)
-    run = client.create_run(exp_id, run_name=f"sweep {os.path.basename(config.hydra.sweep.dir)}",
-                            tags={"lorasweep.sweep": "parent",
-                                  "sweep_dir": os.path.abspath(config.hydra.sweep.dir)})
-    os.environ[PARENT_ENV] = run.info.run_id  # trials nest their runs under it
-    sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
-    params = {f"sweeper.{k}": str(v)[:6000] for k, v in sweeper.items() if k != "params"}
-    params.update({f"search.{k}": str(v) for k, v in (sweeper.get("params") or {}).items()})
-    for key, value in params.items():
-        client.log_param(run.info.run_id, key, value)
-    return client, run.info.run_id
-
-
 def collect_trials(sweep_dir: str) -> list[dict[str, Any]]:
     records = []
     for path in glob.glob(os.path.join(sweep_dir, "*", TRIAL_RECORD)):
@@ -139,13 +113,9 @@ def format_trials(trials: list[dict[str, Any]]) -> str:
 
 def plot_history(sweep_dir: str, trials: list[dict[str, Any]]) -> str | None:
     """Objective per trial and the best so far (failed trials marked on the axis)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not trials:
         return None
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     done = [t for t in trials if t["objective"] is not None]
     best, best_line = float("-inf"), []
@@ -167,6 +137,14 @@ def plot_history(sweep_dir: str, trials: list[dict[str, Any]]) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _pyplot():
+    # Imported here, not at the top: Hydra loads this callback for every command, and the plotting
+    # stack (matplotlib, and numpy and scikit-learn beside it) is needed only at a sweep's end.
+    from lorasweep.evaluation.reports import pyplot
+
+    return pyplot()
 
 
 def made_or_none(make: Callable[..., str | None], *args: Any) -> str | None:
@@ -307,11 +285,7 @@ def plot_importances(sweep_dir: str, trials: list[dict[str, Any]],
 
 def draw_importances(path: str, importances: Mapping[str, float], title: str,
                      footnote: str = "") -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     names = list(importances)[::-1]  # barh draws bottom-up: the most important on top
     values = [importances[name] for name in names]
     height = 1.6 + 0.4 * len(names)
@@ -328,23 +302,3 @@ def draw_importances(path: str, importances: Mapping[str, float], title: str,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def finish_parent_run(parent, config: DictConfig, trials: list[dict[str, Any]],
-                      artifacts: list[str | None]) -> None:
-    client, run_id = parent
-    done = [t for t in trials if t["objective"] is not None]
-    try:
-        if done:
-            best = max(done, key=lambda t: t["objective"])
-            client.log_metric(run_id, "best_value", best["objective"])
-            client.set_tag(run_id, "best_params", best["params"])
-            client.set_tag(run_id, "best_trial", str(best["number"]))
-        client.log_metric(run_id, "n_trials", len(trials))
-        client.log_metric(run_id, "n_failed", len(trials) - len(done))
-        results = os.path.join(config.hydra.sweep.dir, "optimization_results.yaml")
-        for path in [*artifacts, results]:
-            if path and os.path.isfile(path):
-                client.log_artifact(run_id, path)
-    finally:
-        client.set_terminated(run_id, status="FINISHED" if done else "FAILED")

@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import logging
 import time
-import warnings
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -25,12 +24,12 @@ import torch
 from torch import nn
 
 from lorasweep import distributed
-from lorasweep.metrics import scored_metrics
-from lorasweep.modeling import HEAD_NAMES
+from lorasweep.config import HEAD_NAMES
+from lorasweep.evaluation.baseline import LBFGS_MAX_ITER, fit_capped
+from lorasweep.evaluation.metrics import scored_metrics
 
 log = logging.getLogger(__name__)
 
-MAX_ITER = 300  # lbfgs iterations: bounds the fit's time (the warning at the cap is expected)
 C = 1.0  # on features scaled to unit average variance
 ABSENT_LOGIT = 10.0  # classes with no train row (dummy slots) start this far below the others
 
@@ -113,11 +112,9 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_labels: int, with_bi
     present = np.unique(labels)
     weight_of = None if class_weights is None else {int(c): float(class_weights[c])
                                                     for c in present}
-    probe = LogisticRegression(C=C, max_iter=MAX_ITER, fit_intercept=with_bias,
+    probe = LogisticRegression(C=C, max_iter=LBFGS_MAX_ITER, fit_intercept=with_bias,
                                class_weight=weight_of)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(lbfgs|max_iter|ITERATIONS).*")
-        probe.fit((features - shift) / scale, labels)
+    fit_capped(probe, (features - shift) / scale, labels)
     coef, intercept = probe.coef_, probe.intercept_ if with_bias else np.zeros(len(present))
     if len(present) == 2:  # scikit-learn keeps one row for two classes: logit(b) - logit(a)
         coef, intercept = np.vstack([-coef[0] / 2, coef[0] / 2]), np.array([-1, 1]) * intercept[0] / 2

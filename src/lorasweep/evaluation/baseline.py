@@ -1,11 +1,11 @@
 """The baseline every run is compared with: TF-IDF n-grams + logistic regression, same split.
 
 Word 1-2-grams and character 3-5-grams (within word boundaries) over the serialized train rows,
-a class-balanced multinomial logistic regression (C=10) on them (balanced: +0.07 test
-macro-F1 on a 53-class long-tailed set, the same elsewhere), scored on validation and test with the same
-metrics as the model. It is what a user writes in ten lines of scikit-learn; a fine-tuned model
-that does not beat it has not earned its compute, and the run says so. The fitted model is also
-half of the run's blend (blend.py), saved and read back here without pickle.
+a class-balanced multinomial logistic regression (C=10) on them (balanced, for long-tailed
+labels), scored on validation and test with the same metrics as the model. It is what a user
+writes in ten lines of scikit-learn; a fine-tuned model that does not beat it has not earned its
+compute, and the run says so. The fitted model is also half of the run's blend
+(lorasweep.evaluation.blend), saved and read back here without pickle.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ import time
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-from lorasweep.metrics import scored_metrics
+from lorasweep.evaluation.metrics import scored_metrics
 
 log = logging.getLogger(__name__)
 
 # Above this many train rows the baseline is skipped (with a log line): its cost grows with the
 # vocabulary of n-grams, and at that size a user has no doubt that fitting it is slow.
 MAX_TRAIN_ROWS = 200_000
-MAX_ITER = 300  # lbfgs iterations: bounds the solver's time; the warning at the cap is expected
+# lbfgs iterations of every logistic regression lorasweep fits (this baseline, the head's probe):
+# the cap bounds the fit's time, so the convergence warning at the cap is expected.
+LBFGS_MAX_ITER = 300
 TFIDF_JSON = "tfidf.json"
 TFIDF_ARRAYS = "tfidf.npz"
 
@@ -39,20 +41,24 @@ def build_tfidf_classifier():
         TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1, dtype=np.float32),
         TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, min_df=2,
                         dtype=np.float32))
-    return make_pipeline(features, LogisticRegression(C=10.0, max_iter=MAX_ITER,
+    return make_pipeline(features, LogisticRegression(C=10.0, max_iter=LBFGS_MAX_ITER,
                                                        class_weight="balanced"))
 
 
+def fit_capped(estimator, features, labels):
+    """`estimator.fit(features, labels)` without the convergence warning at LBFGS_MAX_ITER."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(lbfgs|max_iter|ITERATIONS).*")
+        return estimator.fit(features, labels)
+
+
 def fit_tfidf(texts: Sequence[str], labels: Sequence[int]):
-    """The fitted TF-IDF + logistic regression pipeline (lbfgs capped at MAX_ITER). Its
+    """The fitted TF-IDF + logistic regression pipeline (lbfgs capped at LBFGS_MAX_ITER). Its
     coefficients are float32, like the features (scikit-learn fits in the features' dtype; the
     cast makes sure): the model that is scored is exactly the one that is saved."""
     import numpy as np
 
-    model = build_tfidf_classifier()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(lbfgs|max_iter|ITERATIONS).*")
-        model.fit(list(texts), list(labels))
+    model = fit_capped(build_tfidf_classifier(), list(texts), list(labels))
     classifier = model.steps[-1][1]
     classifier.coef_ = classifier.coef_.astype(np.float32)
     classifier.intercept_ = classifier.intercept_.astype(np.float32)

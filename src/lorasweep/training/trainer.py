@@ -17,13 +17,12 @@ from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, Traine
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lorasweep import distributed, outputs
-from lorasweep.callbacks import SignalCallback, SpeedMemoryCallback
-from lorasweep.console import use_readable_logs
+from lorasweep.config import METRIC_NAMES
 from lorasweep.errors import ConfigError, one_line
-from lorasweep.metric_names import METRIC_NAMES
-from lorasweep.metrics import compute_metrics
-from lorasweep.preflight import clear_stale_build_locks
+from lorasweep.evaluation.metrics import compute_metrics
 from lorasweep.redaction import is_secret_key
+from lorasweep.training.callbacks import SignalCallback, SpeedMemoryCallback, use_readable_logs
+from lorasweep.training.deepspeed_config import clear_stale_build_locks
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ def build_training_arguments(train_cfg, run_dir: str, seed: int,
                              ds_config: Optional[Dict[str, Any]],
                              objective_metric: str = "eval_f1_macro",
                              secret_keys: Sequence[str] = ()) -> TrainingArguments:
-    """Build before `from_pretrained` (see `pipeline.set_up`).
+    """Build before `from_pretrained` (see `lorasweep.training.pipeline.set_up`).
     `secret_keys`: further names of secret arguments (tracking.secret_keys), never pickled."""
     kwargs = {k: v for k, v in dict(train_cfg).items() if k not in OWN_KEYS}
     if train_cfg.load_best_model_at_end:  # greater_is_better follows: False only for *loss
@@ -53,7 +52,8 @@ def build_training_arguments(train_cfg, run_dir: str, seed: int,
         bf16=train_cfg.mixed_precision == "bf16",
         fp16=train_cfg.mixed_precision == "fp16",
         seed=seed,
-        report_to="none",  # tracking.py logs from rank 0; the Trainer's MLflowCallback would not
+        report_to="none",  # lorasweep.tracking logs from rank 0; the Trainer's MLflowCallback
+        # would open a run per rank
         label_names=["labels"],
         include_num_input_tokens_seen="non_padding",
         save_only_model=False,
@@ -175,6 +175,12 @@ def is_complete_checkpoint(path: str) -> bool:
         return False
 
 
+def checkpoint_step(path: str) -> Optional[int]:
+    """The global step in a checkpoint dir's name (`checkpoint-<step>`); None for another name."""
+    prefix, _, step = os.path.basename(os.path.normpath(path)).rpartition("-")
+    return int(step) if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() else None
+
+
 def find_resume_checkpoint(resume: str, run_dir: str) -> Optional[str]:
     """`auto`: the newest complete checkpoint in the run dir; `never`: None; else that path."""
     if resume == "never":
@@ -186,12 +192,13 @@ def find_resume_checkpoint(resume: str, run_dir: str) -> Optional[str]:
         return None
     candidates = []
     for name in os.listdir(ckpt_dir):
-        path = os.path.join(ckpt_dir, name)
-        if name.startswith(PREFIX_CHECKPOINT_DIR + "-") and name.split("-")[-1].isdigit():
-            if is_complete_checkpoint(path):
-                candidates.append((int(name.split("-")[-1]), path))
-            else:
-                log.warning("ignoring incomplete checkpoint %s", path)
+        path, step = os.path.join(ckpt_dir, name), checkpoint_step(name)
+        if step is None:
+            continue
+        if is_complete_checkpoint(path):
+            candidates.append((step, path))
+        else:
+            log.warning("ignoring incomplete checkpoint %s", path)
     return max(candidates)[1] if candidates else None
 
 
@@ -200,7 +207,7 @@ def best_epoch(trainer: Trainer) -> Optional[float]:
     best = trainer.state.best_model_checkpoint
     if not (trainer.args.load_best_model_at_end and best):
         return None
-    step = int(os.path.basename(os.path.normpath(best)).split("-")[-1])
+    step = checkpoint_step(best)
     epochs = [e["epoch"] for e in trainer.state.log_history
               if e.get("step") == step and "epoch" in e]
     return epochs[-1] if epochs else None

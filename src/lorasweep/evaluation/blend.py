@@ -5,11 +5,9 @@
 
 w is chosen on the validation split (a grid from 0 to 1) by the objective's metric; test is
 scored with that w. The two models err differently: n-grams catch the surface of names and
-codes, the encoder their meaning. In README "Measured" the blend beat both on the real data set
-at every seed, tied TF-IDF on the new-vendor ledger and matched it on the sample ledger, where
-TF-IDF already scores the ceiling that its flipped labels allow.
-A run saves the blend (the TF-IDF model, no pickle, and w) in blend/, and predict.py applies it;
-export.py writes the transformer alone.
+codes, the encoder their meaning (README "Measured" compares the blend with both).
+A run saves the blend (the TF-IDF model, no pickle, and w) in blend/, and predict applies it;
+export writes the transformer alone.
 """
 
 from __future__ import annotations
@@ -22,10 +20,11 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from lorasweep.baseline import SavedTfidf, save_tfidf, tfidf_probabilities, tfidf_size_bytes
-from lorasweep.outputs import BLEND_DIR
-from lorasweep.metric_names import METRIC_NAMES
-from lorasweep.metrics import classification_metrics, scored_metrics
+from lorasweep.config import METRIC_NAMES
+from lorasweep.evaluation.baseline import (SavedTfidf, save_tfidf, tfidf_probabilities,
+                                           tfidf_size_bytes)
+from lorasweep.evaluation.metrics import classification_metrics, scored_metrics
+from lorasweep.outputs import BLEND_DIR, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ BLEND_JSON = "blend.json"
 WEIGHTS = np.round(np.linspace(0.0, 1.0, 11), 2)  # the model's weight; 0 = TF-IDF alone
 EPSILON = 1e-9  # a probability of exactly 0 (a class the baseline never saw) stays finite
 # Above this size of the TF-IDF model (classes x n-gram features x 4 bytes) the run does not
-# blend: blend/ would outweigh the model many times over (53 classes and 4,000 short rows: 15 MB).
+# blend: blend/ would outweigh the model many times over.
 MAX_BLEND_BYTES = 256 * 2**20
 
 
@@ -100,15 +99,10 @@ def save_blend(run_dir: str, tfidf_model, weight: Optional[float]) -> None:
         shutil.rmtree(directory)
     if tfidf_model is None:
         return
-    tmp = f"{directory}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(directory) as tmp:
         save_tfidf(tfidf_model, tmp)
         with open(os.path.join(tmp, BLEND_JSON), "w") as fh:
             json.dump({"model_weight": weight}, fh)
-        os.replace(tmp, directory)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
 
 
 class SavedBlend:

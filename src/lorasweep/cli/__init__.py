@@ -1,0 +1,1 @@
+"""What the entry points share: the user-error harness, and the Hydra callbacks every command runs."""
