@@ -24,7 +24,7 @@ test: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -ra --durations=15
 
 lint: install
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench data
 
 clean:
 	rm -rf .cache multirun/runs multirun/sweeps mlflow.db mlruns

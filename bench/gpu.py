@@ -99,7 +99,6 @@ def synthetic_rows(n_rows: int, seq_len: int, vocab: int, pad_id: int, num_label
 def build_variant(args, cfg, timer):
     """lorasweep's path: base model before TrainingArguments (ZeRO-3), then model, LoRA, Trainer."""
     from lorasweep.data.labels import LabelMap
-    from lorasweep.training.deepspeed_config import build_deepspeed_config
     from lorasweep.model.losses import build_loss
     from lorasweep.model.modeling import (
         apply_lora,
@@ -108,6 +107,7 @@ def build_variant(args, cfg, timer):
         count_parameters,
         load_tokenizer,
     )
+    from lorasweep.training.deepspeed_config import build_deepspeed_config
     from lorasweep.training.trainer import build_trainer, build_training_arguments
 
     ds_config = build_deepspeed_config(cfg.deepspeed)
@@ -132,6 +132,7 @@ def build_variant(args, cfg, timer):
 def run_variant(args) -> dict:
     """Train one variant for `--steps` steps; its speed, memory and MFU figures."""
     import torch
+
     from step_timer import StepTimer
 
     gc = bool(args.gc)

@@ -5,7 +5,7 @@ and (optionally) the best of an Optuna sweep, all on the same split.
     python bench/quality.py                          # the three data sets, default recipe
     python bench/quality.py --datasets ledger        # one of: ledger, new_vendors, debian
     python bench/quality.py --seeds 42 7 1234        # the default recipe at three training seeds
-    python bench/quality.py --sweep-trials 20        # + a 20-trial sweep per data set (hours on CPU)
+    python bench/quality.py --sweep-trials 20    # + a 20-trial sweep per data set (hours on CPU)
     python bench/quality.py --tiny                   # tiny_bert smoke run on the ledger (seconds)
     python bench/quality.py --datasets ledger lora.r=16   # trailing key=value: Hydra overrides
 
@@ -106,12 +106,11 @@ def ceiling_f1(rows: pd.DataFrame) -> float:
     """Macro-F1 of reading every test row (a run's predictions_test.csv: serialized text, label)
     by its own vendor and description: right wherever the label is one of the codes they point
     to, the pointed-to code where it is not (a flip)."""
+    from generate import codes_read_from
     from sklearn.metrics import f1_score
 
-    from generate import codes_read_from
-
     best = []
-    for text, label in zip(rows["text"], rows["label"]):
+    for text, label in zip(rows["text"], rows["label"], strict=True):
         vendor, description = re.match(r"vendor: (.*?), description: (.*?), amount:", text).groups()
         codes = codes_read_from(vendor, description)
         best.append(label if label in codes else min(codes))

@@ -171,7 +171,7 @@ def bench_vs_hf(args, work: str) -> list:
     best_ours = max(r["samples_per_s"] for r in ours)
     best_theirs = max(r["samples_per_s"] for r in theirs)
     runs = " / ".join(f"{a['samples_per_s']:.1f} vs {b['samples_per_s']:.1f}"
-                      for a, b in zip(ours, theirs))
+                      for a, b in zip(ours, theirs, strict=True))
     return [("(a) lorasweep / hand-written HF Trainer, samples/s",
              f"{best_ours:.1f} / {best_theirs:.1f}", best_ours / best_theirs, ">= 0.95",
              f"max_length {cfg.data.max_length}, batch {args.batch_size}, {args.steps} steps; "

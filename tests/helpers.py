@@ -9,8 +9,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Sequence
 
 import datasets
 import numpy as np
@@ -76,7 +76,7 @@ def cli_env() -> dict:
     return env
 
 
-def run_train(args: List[str], launcher: Sequence[str] = (sys.executable,), timeout: int = 600,
+def run_train(args: list[str], launcher: Sequence[str] = (sys.executable,), timeout: int = 600,
               check: bool = False) -> subprocess.CompletedProcess:
     """Run `<launcher> src/lorasweep/train.py <args>` from the repo root."""
     cmd = [*launcher, str(TRAIN), *args]
@@ -105,7 +105,8 @@ def assert_reload_reproduces_predictions(run_dir: Path) -> None:
     saved = pd.read_csv(run_dir / "reports" / "predictions_validation.csv",
                         dtype={"label": str, "pred_label": str})
     encoded = tokenizer(saved["text"].tolist(), truncation=True, max_length=cfg.data.max_length)
-    rows = [dict(zip(encoded, values)) for values in zip(*encoded.values())]
+    rows = [dict(zip(encoded, values, strict=True))
+            for values in zip(*encoded.values(), strict=True)]
     collate, size = DataCollatorWithPadding(tokenizer), cfg.training.per_device_eval_batch_size
     with torch.no_grad():
         probs = np.concatenate([torch.softmax(model(**collate(rows[i:i + size])).logits, -1)

@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 
 from lorasweep.evaluation.baseline import SavedTfidf, fit_tfidf, save_tfidf
-from lorasweep.evaluation.blend import (BLEND_JSON, WEIGHTS, SavedBlend, blend_probabilities, choose_weight,
-                             save_blend)
+from lorasweep.evaluation.blend import (
+    BLEND_JSON,
+    WEIGHTS,
+    SavedBlend,
+    blend_probabilities,
+    choose_weight,
+    save_blend,
+)
 from lorasweep.outputs import BLEND_DIR
 
 TEXTS = ["vendor: Acme Corp, memo: office chairs", "vendor: Globex, memo: cloud hosting",

@@ -7,8 +7,8 @@ from omegaconf import OmegaConf
 
 from helpers import CONF, compose_cfg, run_train
 from lorasweep.config import validate
-from lorasweep.training.deepspeed_config import build_deepspeed_config
 from lorasweep.errors import ConfigError
+from lorasweep.training.deepspeed_config import build_deepspeed_config
 
 GROUPS = ["model", "lora", "deepspeed", "training", "loss", "data", "tracking"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]

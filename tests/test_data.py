@@ -9,11 +9,12 @@ from transformers import AutoTokenizer
 
 from helpers import SAMPLE, SMOKE, compose_cfg, run_train, save_tokenized_dataset_dict
 from lorasweep.config import package_dir
-from lorasweep.data.prepare import prepare_data
 from lorasweep.data.labels import build_label_map
+from lorasweep.data.prepare import prepare_data
 from lorasweep.data.serialization import format_value, serialize_row
 from lorasweep.data.tables import load_splits, normalise_labels, split_table
 from lorasweep.errors import DataError
+
 
 def data_cfg(tmp_path, **overrides):
     args = [f"data.{k}={v}" for k, v in overrides.items()]
@@ -171,7 +172,7 @@ def test_bad_dataset_dicts_name_the_problem(tmp_path):
                          ).save_to_disk(str(tmp_path / "train_only"))
     (tmp_path / "not_saved").mkdir()
     cases = [("wrong_tok", "label", "token id 99999 but the tokenizer has 30522 tokens"),
-             ("train_only", "labels", "lacks split\(s\) validation, test"),
+             ("train_only", "labels", r"lacks split\(s\) validation, test"),
              ("not_saved", "labels", "not_saved: cannot load_from_disk"),
              ("missing", "labels", "missing: not a directory saved by")]
     for name, column, needle in cases:

@@ -12,8 +12,15 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import (ROOT, SHM_OP, TRAIN, assert_reload_reproduces_predictions, cli_env,
-                      extensions_dir_with_stale_lock, run_train)
+from helpers import (
+    ROOT,
+    SHM_OP,
+    TRAIN,
+    assert_reload_reproduces_predictions,
+    cli_env,
+    extensions_dir_with_stale_lock,
+    run_train,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +109,8 @@ def first_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 240) ->
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     run = tmp_path / "run"
-    args = [*DEEPSPEED, str(TRAIN), "model=tiny_bert", "training=smoke", "baseline=none", "tracking=none",
+    args = [*DEEPSPEED, str(TRAIN), "model=tiny_bert", "training=smoke", "baseline=none",
+            "tracking=none",
             "deepspeed=zero2", "training.max_steps=30", "training.save_strategy=steps",
             "training.save_steps=10", "training.save_total_limit=2", f"hydra.run.dir={run}"]
     log = open(tmp_path / "first.log", "w")

@@ -48,7 +48,8 @@ def varied_input(trained_run) -> pd.DataFrame:
     rows = pd.read_parquet(LEDGER).sample(48, random_state=7).reset_index(drop=True)
     rng = np.random.default_rng(0)
     repeats = rng.integers(0, 40, size=len(rows))
-    rows["description"] = [d + " extra" * int(n) for d, n in zip(rows["description"], repeats)]
+    rows["description"] = [d + " extra" * int(n)
+                           for d, n in zip(rows["description"], repeats, strict=True)]
     return rows.sample(frac=1.0, random_state=3).reset_index(drop=True)
 
 

@@ -17,16 +17,22 @@ from omegaconf import OmegaConf
 from helpers import CONF, run_train
 from lorasweep.distributed import free_port
 from lorasweep.errors import ConfigError
+from lorasweep.tracking.sweep import (
+    IMPORTANCE_PNG,
+    made_or_none,
+    param_importances,
+    plot_importances,
+    search_space,
+)
 from lorasweep.training.launcher import launcher_command, place_trial, trials_at_once
-from lorasweep.tracking.sweep import (IMPORTANCE_PNG, made_or_none, param_importances, plot_importances,
-                             search_space)
 
 SPACE = "hparams_search=optuna_f1"
 
 
 def sweep(tmp_path, name, *extra, check=True):
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_train(["-m", SPACE, "model=tiny_bert", "training=smoke", "baseline=none", f"tracking.uri={db}",
+    proc = run_train(["-m", SPACE, "model=tiny_bert", "training=smoke", "baseline=none",
+                      f"tracking.uri={db}",
                       f"tracking.experiment_name={name}", f"hydra.sweep.dir={tmp_path / name}",
                       *extra], timeout=900, check=check)
     return proc, db

@@ -56,7 +56,8 @@ def artifact_names(client, run_id, path=None):
 
 
 def test_one_process_run_is_logged_once_and_finished(mlflow_server, tmp_path):
-    run_train(["model=tiny_bert", "training=smoke", "baseline=none", f"tracking.uri={mlflow_server}",
+    run_train(["model=tiny_bert", "training=smoke", "baseline=none",
+               f"tracking.uri={mlflow_server}",
                "tracking.experiment_name=one_proc", f"hydra.run.dir={tmp_path / 'run'}",
                "lora.r=4", "+training.extra.hub_token=hf_secret_value"], check=True)
     runs, client = runs_of(mlflow_server, "one_proc")
@@ -76,7 +77,8 @@ def test_one_process_run_is_logged_once_and_finished(mlflow_server, tmp_path):
 
 
 def test_a_run_that_raises_ends_failed(mlflow_server, tmp_path):
-    proc = run_train(["model=tiny_bert", "training=smoke", "baseline=none", f"tracking.uri={mlflow_server}",
+    proc = run_train(["model=tiny_bert", "training=smoke", "baseline=none",
+                      f"tracking.uri={mlflow_server}",
                       "tracking.experiment_name=failing", f"hydra.run.dir={tmp_path / 'run'}",
                       "+training.extra.no_such_argument=1"])
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -88,8 +90,10 @@ def test_unreachable_server_warns_or_fails_before_training(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     proc = run_train(["model=tiny_bert", "training=smoke", "baseline=none", f"tracking.uri={uri}",
                       f"hydra.run.dir={tmp_path / 'a'}"], check=True)
-    assert "unreachable" in proc.stdout + proc.stderr and (tmp_path / "a" / "metrics.json").is_file()
-    assert "WARNING: nothing was logged to MLflow" in proc.stdout  # again at the end, not only first
+    assert "unreachable" in proc.stdout + proc.stderr
+    assert (tmp_path / "a" / "metrics.json").is_file()
+    # the warning comes again at the end, not only first
+    assert "WARNING: nothing was logged to MLflow" in proc.stdout
     proc = run_train(["model=tiny_bert", "training=smoke", "baseline=none", f"tracking.uri={uri}",
                       "tracking.required=true", f"hydra.run.dir={tmp_path / 'b'}"])
     assert proc.returncode == 2
@@ -128,7 +132,8 @@ def test_a_secret_is_nowhere_in_the_run_dir_or_mlflow(mlflow_server, tmp_path, m
     value = secret if given == "inline" else "${oc.env:LS_TEST_HUB_TOKEN}"
     monkeypatch.setenv("LS_TEST_HUB_TOKEN", secret)  # the CLI's environment is this one's
     run_dir, experiment = tmp_path / "run", f"secret_{given}"
-    run_train(["model=tiny_bert", "training=smoke", "baseline=none", f"tracking.uri={mlflow_server}",
+    run_train(["model=tiny_bert", "training=smoke", "baseline=none",
+               f"tracking.uri={mlflow_server}",
                f"tracking.experiment_name={experiment}", f"hydra.run.dir={run_dir}",
                f"+training.extra.hub_token={value}", "training.save_strategy=steps",
                "training.save_steps=3"], check=True)

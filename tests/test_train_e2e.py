@@ -6,8 +6,14 @@ import json
 import pandas as pd
 import pytest
 
-from helpers import (SAMPLE, SMOKE, assert_reload_reproduces_predictions, compose_cfg, run_train,
-                      save_tokenized_dataset_dict)
+from helpers import (
+    SAMPLE,
+    SMOKE,
+    assert_reload_reproduces_predictions,
+    compose_cfg,
+    run_train,
+    save_tokenized_dataset_dict,
+)
 from lorasweep import outputs
 
 METRIC_KEYS = ["eval_accuracy", "eval_f1_macro", "eval_f1_weighted", "eval_precision_macro",
@@ -18,7 +24,8 @@ METRIC_KEYS = ["eval_accuracy", "eval_f1_macro", "eval_f1_weighted", "eval_preci
 @pytest.mark.parametrize("model", ["tiny_bert", "tiny_qwen2"])
 def test_smoke_run_writes_outputs_and_the_adapter_reloads(model, tmp_path):
     run = tmp_path / "run"
-    run_train([f"model={model}", "training=smoke", "baseline=none", "tracking=none", f"hydra.run.dir={run}",
+    run_train([f"model={model}", "training=smoke", "baseline=none", "tracking=none",
+               f"hydra.run.dir={run}",
                f"data.cache_dir={tmp_path / 'cache'}"], check=True)
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json",
                  "tokenizer/tokenizer.json", "label_map.json", "metrics.json",

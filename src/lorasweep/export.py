@@ -14,7 +14,7 @@ transformers model cannot hold it. lorasweep-predict on the run dir applies it.
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -54,7 +54,7 @@ def merged_model(model):
     return model
 
 
-def export_run(cfg) -> Dict[str, Any]:
+def export_run(cfg) -> dict[str, Any]:
     """Write the merged model, tokenizer and serializer settings to `cfg.output`; a summary."""
     run_dir, output = cfg.run_dir, cfg.output
     check_output_dir(output)
@@ -76,7 +76,7 @@ def export_run(cfg) -> Dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
-def main(cfg: DictConfig) -> Dict[str, Any]:
+def main(cfg: DictConfig) -> dict[str, Any]:
     summary = exit_2_on_user_error(export_run, cfg)
     print(f"lorasweep: exported {summary['model_class']} ({summary['num_labels']} labels) "
           f"to {summary['output']}", flush=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Optional
 
 from lorasweep.errors import one_line
 
@@ -27,7 +26,7 @@ class Terminated(BaseException):
     way up (Hydra's job runner, a library) takes it for an ordinary error."""
 
 
-_received: Optional[BaseException] = None  # the first handled signal's exception
+_received: BaseException | None = None  # the first handled signal's exception
 
 
 def raise_on_sigterm() -> None:

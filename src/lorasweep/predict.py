@@ -12,7 +12,7 @@ blend=false gives the fine-tuned model alone.
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -32,7 +32,7 @@ class PredictConfig:
     output: str = MISSING
     top_k: int = 3  # top1_label/top1_score ... topK_label/topK_score columns
     batch_size: int = 64  # rows per forward pass (batched by token length, output in input order)
-    max_length: Optional[int] = None  # None: the run's data.max_length
+    max_length: int | None = None  # None: the run's data.max_length
     device: str = "auto"  # auto: cuda when available; or cpu, cuda
     progress: bool = True
     blend: bool = True  # the run's blend with its TF-IDF baseline, when it saved one
@@ -63,7 +63,7 @@ def pick_device(name: str):
     return torch.device(name)
 
 
-def predict_file(cfg) -> Dict[str, Any]:
+def predict_file(cfg) -> dict[str, Any]:
     """Read `cfg.input`, predict with the run in `cfg.run_dir`, write `cfg.output`; a summary."""
     validate_request(cfg)
     # After the checks above: these import torch, transformers and scikit-learn.
@@ -91,7 +91,7 @@ def predict_file(cfg) -> Dict[str, Any]:
             "label_column": run_cfg.data.label_column}
 
 
-def format_summary(summary: Dict[str, Any]) -> str:
+def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"lorasweep: wrote {summary['rows']} predictions to {summary['output']}"]
     if summary.get("blend_weight") is not None:
         lines.append(f"  the model blended with the run's TF-IDF baseline (model weight "
@@ -107,7 +107,7 @@ def format_summary(summary: Dict[str, Any]) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
-def main(cfg: DictConfig) -> Dict[str, Any]:
+def main(cfg: DictConfig) -> dict[str, Any]:
     summary = exit_2_on_user_error(predict_file, cfg)
     print(format_summary(summary), flush=True)
     return summary

@@ -15,7 +15,8 @@ keeping it lets a saved config be reloaded without the secret.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, List, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,7 +32,7 @@ NOT_SECRET = frozenset({("secret", "keys")})
 INTERPOLATION = re.compile(r"^\$\{[^${},]*\}$")
 
 
-def key_words(name: str) -> List[str]:
+def key_words(name: str) -> list[str]:
     """`training.extra.hubToken` -> ['hub', 'token']: the last path part, split into words."""
     leaf = str(name).rsplit(".", 1)[-1]
     spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", leaf)
@@ -44,7 +45,8 @@ def is_secret_key(name: str, extra: Iterable[str] = ()) -> bool:
         return False
     if words[-1] == "token" and (len(words) == 1 or words[-2] not in TEXT_TOKENS):
         return True
-    if SECRET_WORDS.intersection(words) or SECRET_PAIRS.intersection(zip(words, words[1:])):
+    pairs = zip(words, words[1:], strict=False)  # each word with the next
+    if SECRET_WORDS.intersection(words) or SECRET_PAIRS.intersection(pairs):
         return True
     return any(_contains(words, key_words(e)) for e in extra)
 
@@ -96,6 +98,6 @@ def mask_override(override: str, extra: Iterable[str] = ()) -> str:
     return f"{head}={mask_value(value)}"
 
 
-def mask_overrides(overrides: Iterable[str], extra: Iterable[str] = ()) -> List[str]:
+def mask_overrides(overrides: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
     extra = tuple(extra)
     return [mask_override(str(o), extra) for o in overrides]

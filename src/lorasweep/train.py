@@ -17,8 +17,12 @@ from omegaconf import DictConfig
 
 from lorasweep.cli.harness import exit_2_on_user_error, exit_with_user_error, run_cli
 from lorasweep.config import CONF_DIR, check_run_config
-from lorasweep.distributed import (agree_on_run_dir, destroy_process_group, launched,
-                                   strip_local_rank_arg)
+from lorasweep.distributed import (
+    agree_on_run_dir,
+    destroy_process_group,
+    launched,
+    strip_local_rank_arg,
+)
 from lorasweep.errors import UserError
 
 

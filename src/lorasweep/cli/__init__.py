@@ -1,1 +1,1 @@
-"""What the entry points share: the user-error harness, and the Hydra callbacks every command runs."""
+"""What the entry points share: the user-error harness, and the Hydra callbacks of every command."""

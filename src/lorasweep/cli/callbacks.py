@@ -10,7 +10,8 @@ in the Hydra process around each job, before any lorasweep code.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
@@ -56,7 +57,7 @@ def _mask_hydra_node(hydra: dict, extra: Iterable[str]) -> None:
         job["override_dirname"] = joined.replace("=", str(dirname_cfg.get("kv_sep", "=")))
 
 
-def hydra_copies(config: DictConfig) -> List[str]:
+def hydra_copies(config: DictConfig) -> list[str]:
     """The files Hydra wrote for this job: `<run dir>/.hydra/*.yaml`, and a grid sweep's
     `multirun.yaml` in the sweep dir."""
     paths = []
@@ -80,7 +81,7 @@ class MaskHydraCopies(Callback):
             mask_yaml_file(path, extra)
 
 
-def uncreatable_reason(path: str) -> Optional[str]:
+def uncreatable_reason(path: str) -> str | None:
     """Why `path` cannot be made a directory, or None when it can (or already is one)."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from lorasweep.errors import UserError, one_line
 from lorasweep.interrupts import Terminated, failure_reason, raise_on_sigterm

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import datasets
 
@@ -30,10 +30,10 @@ class PreparedData:
     raw: datasets.DatasetDict  # the split rows, label column as class names
     tokenized: datasets.DatasetDict  # input_ids, attention_mask, (token_type_ids), labels
     label_map: LabelMap
-    serialization: Dict[str, Any]
-    metadata: Dict[str, Any] = field(default_factory=dict)
+    serialization: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
 
-    def texts(self, split: str) -> List[str]:
+    def texts(self, split: str) -> list[str]:
         """The serialized text of every row of a split, as the model saw it (untruncated)."""
         return serialize_batch(self.raw[split].to_dict(), self.serialization)
 
@@ -44,7 +44,7 @@ NOT_IN_KEY = ("cache_dir", "num_proc", "train_path", "valid_path", "test_path")
 CACHE_VERSION = 4  # raised whenever an entry's layout or what preparation produces changes
 
 
-def input_files(data_cfg) -> Dict[str, List[str]]:
+def input_files(data_cfg) -> dict[str, list[str]]:
     """The files a run reads, by config key (a glob expanded; a saved DatasetDict's own files)."""
     if data_cfg.source == "hf_disk":
         return {"data.train_path": dataset_dict_files(data_cfg.train_path)}
@@ -53,7 +53,7 @@ def input_files(data_cfg) -> Dict[str, List[str]]:
     return {key: expand_files(path, key) for key, path in given.items() if path}
 
 
-def dataset_dict_files(root: str) -> List[str]:
+def dataset_dict_files(root: str) -> list[str]:
     """The files `save_to_disk` wrote, read from its manifests. Not a directory listing: datasets
     writes `map` cache files beside them, which would change the key on every run."""
     manifest = os.path.join(root, "dataset_dict.json")
@@ -124,7 +124,7 @@ def save_prepared(prepared: PreparedData, path: str) -> None:
         # another process won the race: its entry is complete, and identical
 
 
-def load_prepared(path: str) -> Optional[PreparedData]:
+def load_prepared(path: str) -> PreparedData | None:
     """The cached `PreparedData` at `path`, or None when there is no complete entry."""
     manifest = os.path.join(path, "prepared.json")
     if not os.path.isfile(manifest):

@@ -9,8 +9,9 @@ label value into its class name for training and prediction alike. It reads no f
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import datasets
 
@@ -23,15 +24,15 @@ log = logging.getLogger(__name__)
 class LabelMap:
     """Class names by id. Slots past the real classes are dummies kept for later label growth."""
 
-    labels: List[str]
+    labels: list[str]
     num_real: int
 
     @property
-    def label2id(self) -> Dict[str, int]:
+    def label2id(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.labels)}
 
     @property
-    def id2label(self) -> Dict[int, str]:
+    def id2label(self) -> dict[int, str]:
         return dict(enumerate(self.labels))
 
     def to_json(self) -> dict:
@@ -40,7 +41,7 @@ class LabelMap:
                 "num_real_labels": self.num_real}
 
     @classmethod
-    def from_json(cls, payload: dict) -> "LabelMap":
+    def from_json(cls, payload: dict) -> LabelMap:
         id2label = payload["id2label"]
         labels = [id2label[str(i)] for i in range(len(id2label))]
         return cls(labels=labels, num_real=payload.get("num_real_labels", len(labels)))
@@ -62,13 +63,13 @@ def check_class_count(train_classes: Sequence[Any], label_column: str) -> None:
                         f"train split{found}; a classifier needs at least 2")
 
 
-def build_label_map(train_labels: Sequence[str], max_classes: Optional[int],
+def build_label_map(train_labels: Sequence[str], max_classes: int | None,
                     dummy_prefix: str) -> LabelMap:
     """Sorted class names, padded with dummy slots up to `max_classes`."""
     return pad_label_slots(sorted(set(train_labels)), max_classes, dummy_prefix)
 
 
-def pad_label_slots(real: List[str], max_classes: Optional[int], dummy_prefix: str) -> LabelMap:
+def pad_label_slots(real: list[str], max_classes: int | None, dummy_prefix: str) -> LabelMap:
     """`real` names keep their ids; dummy slots follow, up to `max_classes`."""
     if max_classes is None:
         return LabelMap(labels=list(real), num_real=len(real))

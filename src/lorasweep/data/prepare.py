@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import datasets
 import numpy as np
 
 from lorasweep import distributed
 from lorasweep.data.cache import PreparedData, load_prepared, prepared_key, save_prepared
-from lorasweep.data.labels import (LabelMap, build_label_map, check_class_count,
-                                   check_unknown_labels, pad_label_slots)
+from lorasweep.data.labels import (
+    LabelMap,
+    build_label_map,
+    check_class_count,
+    check_unknown_labels,
+    pad_label_slots,
+)
 from lorasweep.data.serialization import serialization_settings, serialize_batch
 from lorasweep.data.tables import SPLITS, load_dataset_dict, load_splits
 from lorasweep.errors import DataError
@@ -74,7 +80,7 @@ def prepare_pretokenized(loaded: datasets.DatasetDict, data_cfg, tokenizer) -> P
 
 
 def pretokenized_label_names(loaded: datasets.DatasetDict, column: str, path: str,
-                             vocab_size: int) -> List[str]:
+                             vocab_size: int) -> list[str]:
     """Names by class id; checks ids and token ids against the tokenizer before any training."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -115,7 +121,7 @@ def _tokenize_batch(batch, tokenizer, settings, label2id, label_column, max_leng
 
 
 def tokenize_splits(splits: datasets.DatasetDict, tokenizer, label_map: LabelMap, data_cfg,
-                    settings: Dict[str, Any]) -> datasets.DatasetDict:
+                    settings: dict[str, Any]) -> datasets.DatasetDict:
     fn_kwargs = dict(tokenizer=tokenizer, settings=settings, label2id=label_map.label2id,
                      label_column=data_cfg.label_column, max_length=data_cfg.max_length,
                      padding=data_cfg.padding)
@@ -130,7 +136,7 @@ def tokenize_splits(splits: datasets.DatasetDict, tokenizer, label_map: LabelMap
 # ---------------------------------------------------------------------------- diagnostics
 
 
-def sample_token_lengths(train: datasets.Dataset, tokenizer, settings: Dict[str, Any],
+def sample_token_lengths(train: datasets.Dataset, tokenizer, settings: dict[str, Any],
                          sample_size: int = 2000) -> tuple[np.ndarray, str]:
     """Untruncated token lengths of the first `sample_size` train rows, and the first row's text."""
     sample = train.select(range(min(sample_size, len(train))))
@@ -140,7 +146,7 @@ def sample_token_lengths(train: datasets.Dataset, tokenizer, settings: Dict[str,
 
 
 def diagnostics(raw: datasets.DatasetDict, lengths: np.ndarray, example_text: str, data_cfg,
-                settings: Dict[str, Any], label_map: LabelMap) -> Dict[str, Any]:
+                settings: dict[str, Any], label_map: LabelMap) -> dict[str, Any]:
     """Token-length percentiles and truncation share, class counts per split, rare classes."""
     truncated = float(np.mean(lengths > data_cfg.max_length)) if len(lengths) else 0.0
     counts = {name: _class_counts(split[data_cfg.label_column]) for name, split in raw.items()}
@@ -167,13 +173,13 @@ def diagnostics(raw: datasets.DatasetDict, lengths: np.ndarray, example_text: st
     return meta
 
 
-def _class_counts(labels: Sequence[str]) -> Dict[str, int]:
+def _class_counts(labels: Sequence[str]) -> dict[str, int]:
     names, counts = np.unique(np.asarray(labels), return_counts=True)
     order = np.argsort(-counts, kind="stable")
     return {str(names[i]): int(counts[i]) for i in order}
 
 
-def format_diagnostics(meta: Dict[str, Any]) -> str:
+def format_diagnostics(meta: dict[str, Any]) -> str:
     rows = meta["rows"]
     lengths = ", ".join(f"{k}={v:.0f}" for k, v in meta["token_length"].items())
     lines = [
@@ -219,7 +225,7 @@ def prepare_data(data_cfg, tokenizer) -> PreparedData:
 
 
 def build_prepared(data_cfg, tokenizer,
-                   loaded: Optional[datasets.DatasetDict] = None) -> PreparedData:
+                   loaded: datasets.DatasetDict | None = None) -> PreparedData:
     """`loaded`: the DatasetDict of `data=hf_disk`, when the caller has it loaded already."""
     splits, text_columns, split_report = load_splits(data_cfg, loaded)
     check_class_count(splits["train"].unique(data_cfg.label_column), data_cfg.label_column)

@@ -8,12 +8,13 @@ from the data-preparation path so predict and export import only this, not the t
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 
-def format_value(value: Any) -> Optional[str]:
+def format_value(value: Any) -> str | None:
     """Stable text for a cell: integers without '.0', floats in shortest round-trip form."""
     if value is None:
         return None
@@ -27,8 +28,8 @@ def format_value(value: Any) -> Optional[str]:
     return text if text else None
 
 
-def serialize_row(row: Dict[str, Any], columns: Sequence[str], separator: str = ", ",
-                  include_column_names: bool = True, null_token: Optional[str] = None) -> str:
+def serialize_row(row: dict[str, Any], columns: Sequence[str], separator: str = ", ",
+                  include_column_names: bool = True, null_token: str | None = None) -> str:
     """One table row as text: "vendor: Staples, amount: 45.2". Missing values are skipped,
     or written as `null_token` when one is set. The same function runs at predict time."""
     parts = []
@@ -42,13 +43,13 @@ def serialize_row(row: Dict[str, Any], columns: Sequence[str], separator: str = 
     return separator.join(parts)
 
 
-def serialization_settings(data_cfg, text_columns: Sequence[str]) -> Dict[str, Any]:
+def serialization_settings(data_cfg, text_columns: Sequence[str]) -> dict[str, Any]:
     return {"text_columns": list(text_columns), "separator": data_cfg.separator,
             "include_column_names": data_cfg.include_column_names,
             "null_token": data_cfg.null_token}
 
 
-def serialize_batch(batch: Dict[str, list], settings: Dict[str, Any]) -> List[str]:
+def serialize_batch(batch: dict[str, list], settings: dict[str, Any]) -> list[str]:
     n = len(next(iter(batch.values())))
     columns = settings["text_columns"]
     return [serialize_row({c: batch[c][i] for c in columns}, columns, settings["separator"],

@@ -17,7 +17,8 @@ import json
 import logging
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import datasets
 import numpy as np
@@ -36,7 +37,7 @@ WRITERS = (".parquet", ".csv", ".jsonl")
 # ---------------------------------------------------------------------------- reading
 
 
-def expand_files(path: str, key: str) -> List[str]:
+def expand_files(path: str, key: str) -> list[str]:
     files = sorted(glob.glob(path)) if any(ch in path for ch in "*?[") else [path]
     if not files or not all(os.path.isfile(f) for f in files):
         raise DataError(f"{key}={path}: file not found (cwd {os.getcwd()})")
@@ -69,7 +70,7 @@ def read_table(path: str, key: str, allow_pickle: bool = False) -> datasets.Data
     return table
 
 
-def _read_csv_as_text(files: List[str]) -> datasets.Dataset:
+def _read_csv_as_text(files: list[str]) -> datasets.Dataset:
     """Every column as strings, exactly as written; only an empty cell is missing (pandas would
     also read the text "NA" or "null" as missing)."""
     import csv
@@ -81,13 +82,13 @@ def _read_csv_as_text(files: List[str]) -> datasets.Dataset:
                                  keep_default_na=False, na_values=[""])
 
 
-def _read_jsonl_as_text(files: List[str], key: str) -> datasets.Dataset:
+def _read_jsonl_as_text(files: list[str], key: str) -> datasets.Dataset:
     """Every field as the text the line holds: `1` -> "1", `1.50` -> "1.50", `"b"` -> "b".
 
     A first pass checks each line and collects the field names (rows may differ in fields); the
     rows are then written to a memory-mapped Arrow cache, keyed by the files' size and mtime.
     """
-    columns: Dict[str, None] = {}
+    columns: dict[str, None] = {}
     for path in files:
         for _, row in _jsonl_lines(path, key):
             columns.update(dict.fromkeys(row))
@@ -124,7 +125,7 @@ def _jsonl_rows(files: tuple, columns: tuple, key: str, stamps: tuple):
             yield {name: _json_text(row.get(name)) for name in columns}
 
 
-def _json_text(value: Any) -> Optional[str]:
+def _json_text(value: Any) -> str | None:
     """A JSON value parsed with numbers kept as their text, as one string (or None for null)."""
     if value is None or isinstance(value, str):
         return value
@@ -133,7 +134,7 @@ def _json_text(value: Any) -> Optional[str]:
     return json.dumps(value, ensure_ascii=False)  # a list or an object, as JSON text
 
 
-def _read_pickle(files: List[str], key: str, allow_pickle: bool) -> datasets.Dataset:
+def _read_pickle(files: list[str], key: str, allow_pickle: bool) -> datasets.Dataset:
     if not allow_pickle:
         raise DataError(f"{key}={files[0]}: pickle files can run code when loaded; "
                         "set data.allow_pickle=true if you trust this file")
@@ -147,7 +148,7 @@ def _read_pickle(files: List[str], key: str, allow_pickle: bool) -> datasets.Dat
 
 
 def check_columns(table: datasets.Dataset, label_column: str, text_columns: Sequence[str],
-                  path: str) -> List[str]:
+                  path: str) -> list[str]:
     """Return the text columns to serialize; raise naming any column the table lacks."""
     columns = table.column_names
     if label_column not in columns:
@@ -229,7 +230,7 @@ def _integral_floats(values) -> bool:
 
 
 def split_table(table: datasets.Dataset, label_column: str, val_size: float, test_size: float,
-                seed: int) -> tuple[datasets.DatasetDict, Dict[str, Any]]:
+                seed: int) -> tuple[datasets.DatasetDict, dict[str, Any]]:
     """Stratified train/validation/test split, deterministic for a given table and seed.
 
     A class with fewer than 3 rows cannot appear in all three splits: its rows all go to train,
@@ -264,7 +265,7 @@ def split_table(table: datasets.Dataset, label_column: str, val_size: float, tes
     return splits, report
 
 
-def _stratify_or_none(labels: np.ndarray, fraction: float) -> Optional[np.ndarray]:
+def _stratify_or_none(labels: np.ndarray, fraction: float) -> np.ndarray | None:
     """Stratify when every class can give a row to both sides, else fall back to a plain shuffle."""
     _, counts = np.unique(labels, return_counts=True)
     n_small_side = int(math.ceil(len(labels) * min(fraction, 1 - fraction)))
@@ -273,8 +274,8 @@ def _stratify_or_none(labels: np.ndarray, fraction: float) -> Optional[np.ndarra
     return None
 
 
-def load_splits(data_cfg, loaded: Optional[datasets.DatasetDict] = None
-                ) -> tuple[datasets.DatasetDict, List[str], Dict[str, Any]]:
+def load_splits(data_cfg, loaded: datasets.DatasetDict | None = None
+                ) -> tuple[datasets.DatasetDict, list[str], dict[str, Any]]:
     """Read the configured files and return (splits, text columns, split report). `loaded`: the
     DatasetDict of `data=hf_disk`, when the caller has loaded it already."""
     if data_cfg.source == "hf_disk":
@@ -321,8 +322,8 @@ def load_dataset_dict(path: str) -> datasets.DatasetDict:
     return loaded
 
 
-def _load_hf_disk(data_cfg, loaded: Optional[datasets.DatasetDict]
-                  ) -> tuple[datasets.DatasetDict, List[str], Dict[str, Any]]:
+def _load_hf_disk(data_cfg, loaded: datasets.DatasetDict | None
+                  ) -> tuple[datasets.DatasetDict, list[str], dict[str, Any]]:
     """A DatasetDict of table/text columns: serialized and tokenized like files are."""
     path = data_cfg.train_path
     loaded = load_dataset_dict(path) if loaded is None else loaded

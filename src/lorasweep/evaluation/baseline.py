@@ -15,7 +15,8 @@ import logging
 import os
 import time
 import warnings
-from typing import Any, Dict, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 from lorasweep.evaluation.metrics import scored_metrics
 
@@ -79,9 +80,9 @@ def tfidf_probabilities(model, texts: Sequence[str], num_labels: int):
     return probabilities
 
 
-def tfidf_baseline(train: Tuple[Sequence[str], Sequence[int]],
-                   scored: Dict[str, Tuple[Sequence[str], Sequence[int]]], num_labels: int
-                   ) -> Optional[Tuple[Dict[str, float], Any, Dict[str, Any]]]:
+def tfidf_baseline(train: tuple[Sequence[str], Sequence[int]],
+                   scored: dict[str, tuple[Sequence[str], Sequence[int]]], num_labels: int
+                   ) -> tuple[dict[str, float], Any, dict[str, Any]] | None:
     """Fit on `train` (texts, label ids); score each split of `scored` (`{"eval": (texts, ids),
     "test": ...}`). Returns (`<prefix>_baseline_<metric>` for each split and
     `baseline_seconds`, the fitted model, each split's class probabilities), or None when
@@ -95,7 +96,7 @@ def tfidf_baseline(train: Tuple[Sequence[str], Sequence[int]],
         return None
     started = time.perf_counter()
     model = fit_tfidf(texts, labels)
-    metrics: Dict[str, float] = {}
+    metrics: dict[str, float] = {}
     probabilities = {}
     for prefix, (split_texts, split_labels) in scored.items():
         probabilities[prefix] = tfidf_probabilities(model, split_texts, num_labels)
@@ -147,7 +148,7 @@ class SavedTfidf:
             self.classes_ = arrays["classes"]
             idfs = [arrays[f"idf_{i}"] for i in range(len(spec["vectorizers"]))]
         self.vectorizers = []
-        for part, idf in zip(spec["vectorizers"], idfs):
+        for part, idf in zip(spec["vectorizers"], idfs, strict=True):
             params = dict(part["params"], ngram_range=tuple(part["params"]["ngram_range"]))
             vectorizer = TfidfVectorizer(vocabulary=part["vocabulary"], dtype=np.float32,
                                          **params)

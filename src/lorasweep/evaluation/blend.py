@@ -16,13 +16,17 @@ import json
 import logging
 import os
 import shutil
-from typing import Dict, Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from lorasweep.config import METRIC_NAMES
-from lorasweep.evaluation.baseline import (SavedTfidf, save_tfidf, tfidf_probabilities,
-                                           tfidf_size_bytes)
+from lorasweep.evaluation.baseline import (
+    SavedTfidf,
+    save_tfidf,
+    tfidf_probabilities,
+    tfidf_size_bytes,
+)
 from lorasweep.evaluation.metrics import classification_metrics, scored_metrics
 from lorasweep.outputs import BLEND_DIR, atomic_path
 
@@ -77,11 +81,11 @@ def choose_weight(model: np.ndarray, tfidf: np.ndarray, labels: Sequence[int],
     return float(max(WEIGHTS, key=rank))
 
 
-def blend_metrics(model_probs: Dict[str, np.ndarray], tfidf_probs: Dict[str, np.ndarray],
-                  labels: Dict[str, Sequence[int]], objective: str) -> Dict[str, float]:
+def blend_metrics(model_probs: dict[str, np.ndarray], tfidf_probs: dict[str, np.ndarray],
+                  labels: dict[str, Sequence[int]], objective: str) -> dict[str, float]:
     """`blend_weight` (chosen on "eval") and `<split>_blend_<metric>` for "eval" and "test"."""
     weight = choose_weight(model_probs["eval"], tfidf_probs["eval"], labels["eval"], objective)
-    metrics: Dict[str, float] = {"blend_weight": weight}
+    metrics: dict[str, float] = {"blend_weight": weight}
     for prefix in ("eval", "test"):
         predictions = blend_probabilities(model_probs[prefix], tfidf_probs[prefix],
                                           weight).argmax(axis=1)
@@ -91,7 +95,7 @@ def blend_metrics(model_probs: Dict[str, np.ndarray], tfidf_probs: Dict[str, np.
     return metrics
 
 
-def save_blend(run_dir: str, tfidf_model, weight: Optional[float]) -> None:
+def save_blend(run_dir: str, tfidf_model, weight: float | None) -> None:
     """Write blend/ (written whole in a temp dir, then renamed); `tfidf_model` None removes a
     blend/ left by an earlier run into this dir, which would not fit the new model."""
     directory = os.path.join(run_dir, BLEND_DIR)

@@ -6,13 +6,18 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import datasets
 import evaluate
 import numpy as np
-from sklearn.metrics import (accuracy_score, f1_score, precision_recall_fscore_support,
-                             precision_score, recall_score)
+from sklearn.metrics import (
+    accuracy_score,
+    f1_score,
+    precision_recall_fscore_support,
+    precision_score,
+    recall_score,
+)
 
 
 class ClassificationMetrics(evaluate.Metric):
@@ -29,7 +34,7 @@ class ClassificationMetrics(evaluate.Metric):
                                         "references": datasets.Value("int64")}),
         )
 
-    def _compute(self, predictions, references) -> Dict[str, float]:
+    def _compute(self, predictions, references) -> dict[str, float]:
         y_pred, y_true = np.asarray(predictions), np.asarray(references)
         return {
             "accuracy": float(accuracy_score(y_true, y_pred)),
@@ -41,10 +46,11 @@ class ClassificationMetrics(evaluate.Metric):
         }
 
 
-_METRIC: Optional[ClassificationMetrics] = None
+_METRIC: ClassificationMetrics | None = None
 
 
-def classification_metrics(predictions: Sequence[int], references: Sequence[int]) -> Dict[str, float]:
+def classification_metrics(predictions: Sequence[int],
+                           references: Sequence[int]) -> dict[str, float]:
     global _METRIC
     if _METRIC is None:
         _METRIC = ClassificationMetrics()
@@ -52,14 +58,14 @@ def classification_metrics(predictions: Sequence[int], references: Sequence[int]
 
 
 def scored_metrics(predictions: Sequence[int], references: Sequence[int], prefix: str,
-                   variant: str) -> Dict[str, float]:
+                   variant: str) -> dict[str, float]:
     """`<prefix>_<variant><metric>` for each metric: how a scored model other than the fine-tuned
     one (config.SCORED_VARIANTS: "baseline_", "probe_", "blend_") names its scores."""
     scores = classification_metrics(predictions, references)
     return {f"{prefix}_{variant}{name}": value for name, value in scores.items()}
 
 
-def compute_metrics(eval_pred) -> Dict[str, float]:
+def compute_metrics(eval_pred) -> dict[str, float]:
     """The Trainer's `compute_metrics`: logits and label ids in, metric dict out."""
     logits, labels = eval_pred.predictions, eval_pred.label_ids
     if isinstance(logits, tuple):
@@ -68,17 +74,18 @@ def compute_metrics(eval_pred) -> Dict[str, float]:
 
 
 def per_class_report(predictions: Sequence[int], references: Sequence[int],
-                     labels: List[str]) -> List[dict]:
+                     labels: list[str]) -> list[dict]:
     """precision / recall / f1 / support per class that occurs in references or predictions."""
     present = sorted(set(np.asarray(references).tolist()) | set(np.asarray(predictions).tolist()))
     precision, recall, f1, support = precision_recall_fscore_support(
         references, predictions, labels=present, zero_division=0)
     return [{"label": labels[i], "precision": float(p), "recall": float(r), "f1": float(f),
-             "support": int(s)} for i, p, r, f, s in zip(present, precision, recall, f1, support)]
+             "support": int(s)}
+            for i, p, r, f, s in zip(present, precision, recall, f1, support, strict=True)]
 
 
-def hierarchy_metrics(predictions: Sequence[int], references: Sequence[int], labels: List[str],
-                      prefixes: Sequence[int]) -> Dict[str, float]:
+def hierarchy_metrics(predictions: Sequence[int], references: Sequence[int], labels: list[str],
+                      prefixes: Sequence[int]) -> dict[str, float]:
     """Accuracy and macro-F1 after rolling codes up to their first `p` characters (51100 -> 5)."""
     out = {}
     for p in prefixes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,7 +27,7 @@ def pyplot():
 
 
 def write_reports(run_dir: str, predictions: Sequence[int], references: Sequence[int],
-                  labels: List[str], top_k: int = TOP_K) -> List[str]:
+                  labels: list[str], top_k: int = TOP_K) -> list[str]:
     out_dir = os.path.join(run_dir, REPORT_DIR)
     os.makedirs(out_dir, exist_ok=True)
     rows = per_class_report(predictions, references, labels)
@@ -46,7 +46,7 @@ def write_reports(run_dir: str, predictions: Sequence[int], references: Sequence
     return paths
 
 
-def confusion_top_k(predictions: Sequence[int], references: Sequence[int], labels: List[str],
+def confusion_top_k(predictions: Sequence[int], references: Sequence[int], labels: list[str],
                     top_k: int):
     """Confusion counts over the `top_k` classes by test support, the rest folded into "other"."""
     references, predictions = np.asarray(references), np.asarray(predictions)
@@ -58,7 +58,7 @@ def confusion_top_k(predictions: Sequence[int], references: Sequence[int], label
     has_other = len(ids) > top_k or bool(set(predictions.tolist()) - set(keep))
     size = len(keep) + (1 if has_other else 0)
     matrix = np.zeros((size, size), dtype=np.int64)
-    for t, p in zip(references, predictions):
+    for t, p in zip(references, predictions, strict=True):
         matrix[index.get(int(t), other), index.get(int(p), other)] += 1
     return matrix, names + (["other"] if has_other else [])
 
@@ -87,7 +87,7 @@ def plot_confusion(path: str, predictions, references, labels, top_k: int) -> No
     plt.close(fig)
 
 
-def plot_per_class_f1(path: str, rows: List[dict]) -> None:
+def plot_per_class_f1(path: str, rows: list[dict]) -> None:
     plt = pyplot()
     rows = sorted(rows, key=lambda r: -r["support"])
     height = max(4.0, 0.28 * len(rows) + 1.5)
@@ -105,8 +105,8 @@ def plot_per_class_f1(path: str, rows: List[dict]) -> None:
     plt.close(fig)
 
 
-def write_predictions(run_dir: str, split: str, rows, texts: List[str],
-                      probabilities: np.ndarray, labels: List[str], label_column: str) -> str:
+def write_predictions(run_dir: str, split: str, rows, texts: list[str],
+                      probabilities: np.ndarray, labels: list[str], label_column: str) -> str:
     """Per-row predictions of a split, in the split's row order: for error analysis, and the
     reference that a reloaded adapter must reproduce."""
     import pandas as pd

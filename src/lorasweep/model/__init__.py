@@ -1,1 +1,1 @@
-"""The model a run trains: tokenizer, sequence classifier and LoRA, its losses, the head's warm start."""
+"""The model a run trains: tokenizer, classifier and LoRA, its losses, the head's warm start."""

@@ -8,7 +8,7 @@ accumulation steps (transformers 5, see `Trainer.training_step`).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ def class_weights(label_ids: Sequence[int], num_labels: int, alpha: float, weigh
 class ClassificationLoss:
     """Cross-entropy (optionally class-weighted, label-smoothed) or focal loss on the logits."""
 
-    def __init__(self, name: str = "ce", weights: Optional[np.ndarray] = None, gamma: float = 2.0,
+    def __init__(self, name: str = "ce", weights: np.ndarray | None = None, gamma: float = 2.0,
                  label_smoothing: float = 0.0):
         self.name = name
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)

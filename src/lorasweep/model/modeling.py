@@ -9,8 +9,7 @@ import os
 
 import torch
 from filelock import FileLock
-from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification,
-                          AutoTokenizer)
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
 from lorasweep import distributed
 from lorasweep.config import CHOICES, HEAD_NAMES
@@ -55,7 +54,8 @@ def random_base_model(model_cfg, cache_dir: str, seed: int) -> str:
 
     From then on it loads through the same `from_pretrained` path as real weights, and the saved
     adapter's base is the same on every rank and every run. When to call it: see
-    `lorasweep.training.pipeline.set_up`. A file lock, not a barrier, so it works before any process group.
+    `lorasweep.training.pipeline.set_up`. A file lock, not a barrier, so it works before any
+    process group.
     """
     arch = dict(model_cfg.arch)
     key = hashlib.sha256(json.dumps([arch, seed], sort_keys=True).encode()).hexdigest()[:16]

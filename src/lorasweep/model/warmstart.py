@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import logging
 import time
-from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -63,7 +62,7 @@ def full_parameters(model):
 
 @torch.no_grad()
 def head_inputs(model, head: nn.Linear, dataset, collator, batch_size: int,
-                pad_token_id: Optional[int]) -> np.ndarray:
+                pad_token_id: int | None) -> np.ndarray:
     """One row per dataset row: the vector the head multiplies, in dataset order."""
     captured = []
     hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
@@ -75,7 +74,8 @@ def head_inputs(model, head: nn.Linear, dataset, collator, batch_size: int,
     try:
         for start in range(0, len(ordered), batch_size):
             chunk = ordered[start:start + batch_size]  # column -> list, one Arrow read a batch
-            batch = collator([dict(zip(chunk, values)) for values in zip(*chunk.values())])
+            batch = collator([dict(zip(chunk, values, strict=True))
+                              for values in zip(*chunk.values(), strict=True)])
             batch = {k: v.to(device) for k, v in batch.items()}
             captured.clear()
             model(**batch)
@@ -88,7 +88,7 @@ def head_inputs(model, head: nn.Linear, dataset, collator, batch_size: int,
     return unsorted
 
 
-def _pooled(hidden: torch.Tensor, input_ids: torch.Tensor, pad_token_id: Optional[int]):
+def _pooled(hidden: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int | None):
     """A decoder's head sees every position: keep the last non-pad token's, as HF does."""
     if hidden.dim() == 2:
         return hidden
@@ -100,7 +100,7 @@ def _pooled(hidden: torch.Tensor, input_ids: torch.Tensor, pad_token_id: Optiona
 
 
 def fit_probe(features: np.ndarray, labels: np.ndarray, num_labels: int, with_bias: bool,
-              class_weights: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+              class_weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Multinomial logistic regression on centred features scaled to unit average variance,
     folded back into a head's (weight [num_labels, hidden], bias [num_labels] or None) for the
     raw features. One scale for all dimensions, not one each: a near-constant dimension would
@@ -117,7 +117,8 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_labels: int, with_bi
     fit_capped(probe, (features - shift) / scale, labels)
     coef, intercept = probe.coef_, probe.intercept_ if with_bias else np.zeros(len(present))
     if len(present) == 2:  # scikit-learn keeps one row for two classes: logit(b) - logit(a)
-        coef, intercept = np.vstack([-coef[0] / 2, coef[0] / 2]), np.array([-1, 1]) * intercept[0] / 2
+        coef = np.vstack([-coef[0] / 2, coef[0] / 2])
+        intercept = np.array([-1, 1]) * intercept[0] / 2
     weight = np.zeros((num_labels, features.shape[1]))
     weight[present] = coef / scale
     bias = np.zeros(num_labels)
@@ -131,13 +132,13 @@ def fit_probe(features: np.ndarray, labels: np.ndarray, num_labels: int, with_bi
     return weight, (bias if with_bias else None)
 
 
-def set_head(head: nn.Linear, weight: np.ndarray, bias: Optional[np.ndarray]) -> None:
+def set_head(head: nn.Linear, weight: np.ndarray, bias: np.ndarray | None) -> None:
     head.weight.data.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
     if bias is not None:
         head.bias.data.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
 
 
-def head_digest(weight: np.ndarray, bias: Optional[np.ndarray]) -> str:
+def head_digest(weight: np.ndarray, bias: np.ndarray | None) -> str:
     """A short fingerprint of a head's values (float32), to compare heads across ranks/files."""
     digest = hashlib.sha256(np.asarray(weight, np.float32).tobytes())
     if bias is not None:
@@ -145,13 +146,13 @@ def head_digest(weight: np.ndarray, bias: Optional[np.ndarray]) -> str:
     return digest.hexdigest()[:12]
 
 
-def probe_scores(features: np.ndarray, labels, weight, bias, prefix: str) -> Dict[str, float]:
+def probe_scores(features: np.ndarray, labels, weight, bias, prefix: str) -> dict[str, float]:
     logits = features @ weight.T + (0 if bias is None else bias)
     return scored_metrics(logits.argmax(-1), labels, prefix, "probe_")
 
 
-def warm_start_head(model, tokenized, collator, num_labels: int, pad_token_id: Optional[int],
-                    class_weights: Optional[np.ndarray], batch_size: int) -> Dict[str, float]:
+def warm_start_head(model, tokenized, collator, num_labels: int, pad_token_id: int | None,
+                    class_weights: np.ndarray | None, batch_size: int) -> dict[str, float]:
     """Fit the probe on the train split and copy it into the head; return the probe's scores
     (`eval_probe_*`, `test_probe_*`) and its cost. Call on every rank, before LoRA wraps the
     model (PEFT's modules_to_save copies the head as it is then) and before the Trainer builds

@@ -4,7 +4,8 @@ and returned in the input's order, and a table's rows with their predicted label
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,18 +27,19 @@ def predict_probabilities(model, tokenizer, texts: Sequence[str], max_length: in
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     order = np.argsort([len(ids) for ids in encoded], kind="stable")
     device = next(model.parameters()).device
-    probabilities: List[np.ndarray] = [None] * len(texts)  # type: ignore[list-item]
+    probabilities: list[np.ndarray] = [None] * len(texts)  # type: ignore[list-item]
     batches = range(0, len(order), batch_size)
     for start in tqdm(batches, desc="predict", disable=not progress):
         idx = order[start:start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
         logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
-        for row, probs in zip(idx, torch.softmax(logits.float(), dim=-1).cpu().numpy()):
+        rows = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        for row, probs in zip(idx, rows, strict=True):
             probabilities[row] = probs
     return np.stack(probabilities) if probabilities else np.zeros((0, 0))
 
 
-def check_input_columns(columns: List[str], settings: Dict[str, Any], path: str) -> None:
+def check_input_columns(columns: list[str], settings: dict[str, Any], path: str) -> None:
     """The input table has every column the run serialized in training."""
     missing = [c for c in settings["text_columns"] if c not in columns]
     if missing:
@@ -45,7 +47,7 @@ def check_input_columns(columns: List[str], settings: Dict[str, Any], path: str)
                         f"(columns: {', '.join(columns)})")
 
 
-def top_k_frame(probabilities, labels: List[str], top_k: int):
+def top_k_frame(probabilities, labels: list[str], top_k: int):
     """pred_label / pred_score and top<i>_label / top<i>_score columns, one row per input row."""
     import pandas as pd
 
@@ -61,7 +63,7 @@ def top_k_frame(probabilities, labels: List[str], top_k: int):
     return pd.DataFrame(columns)
 
 
-def predict_table(model, tokenizer, labels: List[str], settings: Dict[str, Any], table,
+def predict_table(model, tokenizer, labels: list[str], settings: dict[str, Any], table,
                   max_length: int, batch_size: int = 64, top_k: int = 3, progress: bool = False,
                   blend=None):
     """The input rows (a `datasets.Dataset`) as a DataFrame, plus the prediction columns.
@@ -80,12 +82,13 @@ def predict_table(model, tokenizer, labels: List[str], settings: Dict[str, Any],
     return pd.concat([frame.reset_index(drop=True), predictions], axis=1)
 
 
-def label_metrics(frame, label_column: str, labels: List[str]) -> Optional[Dict[str, float]]:
+def label_metrics(frame, label_column: str, labels: list[str]) -> dict[str, float] | None:
     """Accuracy and macro-F1 against the input's label column, when it has one."""
     if label_column not in frame.columns:
         return None
     label2id = {name: i for i, name in enumerate(labels)}
-    pairs = [(label_to_text(t), p) for t, p in zip(frame[label_column], frame["pred_label"])
+    pairs = [(label_to_text(t), p)
+             for t, p in zip(frame[label_column], frame["pred_label"], strict=True)
              if t is not None and str(t).strip() and str(t) != "nan"]
     if not pairs:
         return None

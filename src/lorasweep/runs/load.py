@@ -8,7 +8,7 @@ check its arguments (and the run dir) before paying for those imports.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,7 +36,6 @@ def load_run_config(run_dir: str) -> DictConfig:
     if not os.path.isfile(path):
         raise UserError(f"run_dir={run_dir}: no {outputs.RUN_CONFIG}; "
                         "is this a finished lorasweep run?")
-    from lorasweep.config import TrainConfig
 
     return OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
 
@@ -45,7 +44,7 @@ def load_label_map(run_dir: str) -> LabelMap:
     return LabelMap.from_json(outputs.read_json(run_dir, outputs.LABEL_MAP))
 
 
-def run_serialization(run_dir: str, cfg: DictConfig) -> Dict[str, Any]:
+def run_serialization(run_dir: str, cfg: DictConfig) -> dict[str, Any]:
     """The exact serializer settings the run trained with (text columns resolved)."""
     meta_path = os.path.join(run_dir, outputs.DATASET_METADATA)
     if os.path.isfile(meta_path):

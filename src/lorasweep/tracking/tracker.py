@@ -14,7 +14,7 @@ import os
 import re
 import subprocess
 import urllib.request
-from typing import Any, Dict, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,19 +31,19 @@ PARENT_ENV = "LORASWEEP_PARENT_RUN_ID"  # a sweep's parent run id: its trials ne
 class Tracker:
     """No-op tracker: ranks other than 0, `tracking=none`, or an unreachable optional server."""
 
-    run_id: Optional[str] = None
+    run_id: str | None = None
     # Why nothing is logged although tracking was asked for; repeated in the closing summary.
-    problem: Optional[str] = None
+    problem: str | None = None
 
-    def log_params(self, params: Dict[str, Any]) -> None: ...
-    def set_tags(self, tags: Dict[str, Any]) -> None: ...
-    def log_metrics(self, metrics: Dict[str, float], step: Optional[int] = None) -> None: ...
-    def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None: ...
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
     def end(self, status: str) -> None: ...
 
 
 class MlflowTracker(Tracker):
-    def __init__(self, uri: str, experiment_name: str, run_name: Optional[str]):
+    def __init__(self, uri: str, experiment_name: str, run_name: str | None):
         import mlflow
 
         if not verbose():  # mlflow resets its level on import: "Creating initial tables...", ...
@@ -155,15 +155,15 @@ def record_failed_run(cfg: DictConfig, exc: BaseException) -> None:
         tracker.end("FAILED")
 
 
-def flatten_params(cfg: DictConfig) -> Dict[str, str]:
+def flatten_params(cfg: DictConfig) -> dict[str, str]:
     """The resolved config as flat `a.b.c -> value` params, secrets masked (lorasweep.redaction)."""
     container = masked_container(cfg, cfg.tracking.secret_keys)
-    flat: Dict[str, str] = {}
+    flat: dict[str, str] = {}
     _flatten(container, "", flat)
     return flat
 
 
-def _flatten(node: Any, prefix: str, out: Dict[str, str]) -> None:
+def _flatten(node: Any, prefix: str, out: dict[str, str]) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
             _flatten(value, f"{prefix}{key}.", out)

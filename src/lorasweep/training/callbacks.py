@@ -10,7 +10,6 @@ speed/tokens_per_sec counts non-pad tokens on all ranks: the Trainer gathers the
 from __future__ import annotations
 
 import time
-from typing import Dict
 
 import psutil
 import torch
@@ -78,7 +77,7 @@ class TrackingCallback(TrainerCallback):
             self.tracker.log_metrics(logs, step=state.global_step)
 
 
-def format_log(logs: Dict[str, float], state) -> str:
+def format_log(logs: dict[str, float], state) -> str:
     """One line for a Trainer log: a training step, an evaluation, or the end of training."""
     if "loss" in logs:  # a training step (its logs carry train_runtime too)
         return _step_line(logs, state)
@@ -92,7 +91,7 @@ def format_log(logs: Dict[str, float], state) -> str:
     return _step_line(logs, state)
 
 
-def _step_line(logs: Dict[str, float], state) -> str:
+def _step_line(logs: dict[str, float], state) -> str:
     parts = [f"step {state.global_step}/{state.max_steps}",
              f"epoch {logs.get('epoch', state.epoch):.2f}"]
     for key, label, fmt in (("loss", "loss", ".4f"), ("learning_rate", "lr", ".2e"),

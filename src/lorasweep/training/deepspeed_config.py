@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -25,7 +25,7 @@ from lorasweep.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def deep_merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """`override` wins key by key, recursing into nested dicts."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
@@ -36,7 +36,7 @@ def deep_merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]
     return merged
 
 
-def build_deepspeed_config(ds_cfg) -> Optional[Dict[str, Any]]:
+def build_deepspeed_config(ds_cfg) -> dict[str, Any] | None:
     """None for `deepspeed=none`; else the group's `config`, with `config_path`'s JSON merged
     over it (the JSON wins on conflicts: it is the file a user tuned). "auto" values stay for
     the Trainer to fill from training.*."""
@@ -48,7 +48,8 @@ def build_deepspeed_config(ds_cfg) -> Optional[Dict[str, Any]]:
             with open(ds_cfg.config_path) as fh:
                 external = json.load(fh)
         except FileNotFoundError:
-            raise ConfigError(f"deepspeed.config_path={ds_cfg.config_path}: file not found") from None
+            raise ConfigError(f"deepspeed.config_path={ds_cfg.config_path}: "
+                              "file not found") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"deepspeed.config_path={ds_cfg.config_path}: invalid JSON "
                               f"({exc})") from None
@@ -59,7 +60,7 @@ def build_deepspeed_config(ds_cfg) -> Optional[Dict[str, Any]]:
     return config
 
 
-def zero_stage(ds_config: Optional[Dict[str, Any]]) -> int:
+def zero_stage(ds_config: dict[str, Any] | None) -> int:
     return 0 if not ds_config else int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
@@ -78,7 +79,7 @@ def count_model_parameters(base_path: str, trust_remote_code: bool = False) -> t
     return total, largest
 
 
-def estimate_model_state_memory(ds_config: Dict[str, Any], total_params: int,
+def estimate_model_state_memory(ds_config: dict[str, Any], total_params: int,
                                 largest_layer_params: int, world_size: int) -> str:
     """DeepSpeed's own estimate of per-GPU / per-node CPU memory for model states (weights,
     gradients, Adam states) at this ZeRO stage and world size, as one line.
@@ -107,7 +108,7 @@ def estimate_model_state_memory(ds_config: Dict[str, Any], total_params: int,
             "(DeepSpeed estimator, full fine-tuning upper bound; LoRA needs less)")
 
 
-def extension_build_locks() -> List[str]:
+def extension_build_locks() -> list[str]:
     """The `lock` files of torch's JIT-built extensions (DeepSpeed builds its CPU shared-memory
     communication op this way on first use), where torch.utils.cpp_extension puts them."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
@@ -118,7 +119,7 @@ def extension_build_locks() -> List[str]:
     return glob.glob(os.path.join(get_default_build_root(), "*", "*", "lock"))
 
 
-def held_open(path: str) -> Optional[bool]:
+def held_open(path: str) -> bool | None:
     """Whether some process has `path` open (Linux /proc); None when that cannot be told."""
     if not os.path.isdir("/proc/self/fd"):
         return None
@@ -140,7 +141,7 @@ def held_open(path: str) -> Optional[bool]:
     return False
 
 
-def clear_stale_build_locks(min_age_seconds: float = 30.0) -> List[str]:
+def clear_stale_build_locks(min_age_seconds: float = 30.0) -> list[str]:
     """Remove extension build locks that no process holds; return their paths.
 
     torch takes the lock by creating the file and keeps it open while it builds; a build that

@@ -19,8 +19,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
 
 from lorasweep import outputs
 from lorasweep.distributed import free_port
@@ -36,13 +36,13 @@ TRAIN_MODULE = "lorasweep.train"
 class Placement:
     """Where one trial runs: its GPUs (None on CPU), and torch threads per rank (None: all)."""
 
-    gpus: Optional[List[str]] = None
-    threads: Optional[int] = None
+    gpus: list[str] | None = None
+    threads: int | None = None
     # a GPU trial beside others runs in a fresh child process: CUDA_VISIBLE_DEVICES is read once,
     # when CUDA starts, and a joblib worker is reused from trial to trial
     own_process: bool = False
 
-    def child_env(self) -> Dict[str, str]:
+    def child_env(self) -> dict[str, str]:
         env = {}
         if self.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpus)
@@ -51,7 +51,7 @@ class Placement:
         return env
 
 
-def visible_gpus() -> Optional[List[str]]:
+def visible_gpus() -> list[str] | None:
     """The GPUs this process may use, in CUDA_VISIBLE_DEVICES order; None without CUDA."""
     import torch
 
@@ -63,7 +63,7 @@ def visible_gpus() -> Optional[List[str]]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def trials_at_once(hydra_cfg) -> tuple[int, Optional[int]]:
+def trials_at_once(hydra_cfg) -> tuple[int, int | None]:
     """(trials running at once, the sweeper's batch size) for this job; (1, 1) outside a
     parallel sweep. Batches start at job numbers that are multiples of the batch size, so
     `job_num % batch` is unique among the trials that can run together."""
@@ -83,8 +83,8 @@ def trials_at_once(hydra_cfg) -> tuple[int, Optional[int]]:
     return (min(n_jobs, batch) if batch else n_jobs), batch
 
 
-def place_trial(job_num: int, at_once: int, batch: Optional[int], nproc: int,
-                gpus: Optional[List[str]], cpus: int) -> Placement:
+def place_trial(job_num: int, at_once: int, batch: int | None, nproc: int,
+                gpus: list[str] | None, cpus: int) -> Placement:
     """GPUs for slot `job_num % batch` (a batch of None: every job its own slot), or a share of
     the CPU threads. On GPUs the devices are always named, so the deepspeed launcher (which
     ignores CUDA_VISIBLE_DEVICES when given --num_gpus) uses the ones this process was given."""
@@ -107,7 +107,7 @@ def placement_for(hydra_cfg, nproc: int) -> Placement:
     return place_trial(job_num, at_once, batch, nproc, visible_gpus(), os.cpu_count() or 1)
 
 
-def config_arguments(hydra_cfg) -> List[str]:
+def config_arguments(hydra_cfg) -> list[str]:
     """The command-line flags that chose this job's config, for a child that composes it again:
     each `--config-dir` a user added, and `--config-name` unless it is the default `train`."""
     if hydra_cfg is None:
@@ -122,8 +122,8 @@ def config_arguments(hydra_cfg) -> List[str]:
 
 
 def launcher_command(launcher: str, nproc: int, overrides: Sequence[str], run_dir: str,
-                     gpus: Optional[List[str]] = None,
-                     config_args: Sequence[str] = ()) -> List[str]:
+                     gpus: list[str] | None = None,
+                     config_args: Sequence[str] = ()) -> list[str]:
     # The child trains once on N ranks in this job's run dir; it must not spawn again.
     # hydra.mode=RUN: an overlay such as hparams_search=... would otherwise make it sweep again.
     args = [a for a in overrides if not a.startswith(("hydra.run.dir=", "hydra.mode=",
@@ -143,8 +143,8 @@ def launcher_command(launcher: str, nproc: int, overrides: Sequence[str], run_di
 
 
 def run_launched(launcher: str, nproc: int, overrides: Sequence[str], run_dir: str,
-                 placement: Optional[Placement] = None, secret_keys: Sequence[str] = (),
-                 config_args: Sequence[str] = ()) -> Dict:
+                 placement: Placement | None = None, secret_keys: Sequence[str] = (),
+                 config_args: Sequence[str] = ()) -> dict:
     """Train on `nproc` ranks in a child launcher; return the metrics it wrote. `secret_keys`
     (tracking.secret_keys) mask the command in the log, which goes to the run dir's train.log;
     `config_args`: the `config_arguments` the child composes its config with.

@@ -12,7 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,23 +32,43 @@ from lorasweep.evaluation.blend import blend_fits, blend_metrics, save_blend
 from lorasweep.evaluation.metrics import hierarchy_metrics
 from lorasweep.interrupts import failure_reason, run_status
 from lorasweep.model.losses import build_loss
-from lorasweep.model.modeling import (apply_lora, base_model_path, build_model, count_parameters,
-                                      load_tokenizer)
+from lorasweep.model.modeling import (
+    apply_lora,
+    base_model_path,
+    build_model,
+    count_parameters,
+    load_tokenizer,
+)
 from lorasweep.model.warmstart import warm_start_head
 from lorasweep.redaction import mask_overrides
-from lorasweep.tracking.tracker import (Tracker, flatten_params, git_commit, resolve_uri,
-                                        start_tracker)
+from lorasweep.tracking.tracker import (
+    Tracker,
+    flatten_params,
+    git_commit,
+    resolve_uri,
+    start_tracker,
+)
 from lorasweep.training.callbacks import TrackingCallback
-from lorasweep.training.deepspeed_config import (build_deepspeed_config, count_model_parameters,
-                                                 estimate_model_state_memory, zero_stage)
-from lorasweep.training.trainer import (best_epoch, build_trainer, build_training_arguments,
-                                        checkpoint_step, evaluate_split, find_resume_checkpoint,
-                                        save_model)
+from lorasweep.training.deepspeed_config import (
+    build_deepspeed_config,
+    count_model_parameters,
+    estimate_model_state_memory,
+    zero_stage,
+)
+from lorasweep.training.trainer import (
+    best_epoch,
+    build_trainer,
+    build_training_arguments,
+    checkpoint_step,
+    evaluate_split,
+    find_resume_checkpoint,
+    save_model,
+)
 
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, overrides: tuple = (), check: bool = True) -> Dict[str, Any]:
+def run(cfg: DictConfig, overrides: tuple = (), check: bool = True) -> dict[str, Any]:
     """Train, evaluate and save one model; return its metrics (also written to metrics.json).
     `check=False`: the caller has passed `cfg` through `config.check_run_config` already (the
     CLI does, before it imports the training stack)."""
@@ -82,7 +102,7 @@ def run(cfg: DictConfig, overrides: tuple = (), check: bool = True) -> Dict[str,
     return metrics
 
 
-def run_summary(metrics: Dict[str, Any], cfg: DictConfig, tracker: Tracker) -> str:
+def run_summary(metrics: dict[str, Any], cfg: DictConfig, tracker: Tracker) -> str:
     """The closing table: the model beside the probe and TF-IDF baselines and the blend, the
     objective, the verdict against the baseline, where the outputs went."""
     systems = [("model", "")] + [(label, infix) for label, infix in COMPARED
@@ -105,7 +125,8 @@ def run_summary(metrics: Dict[str, Any], cfg: DictConfig, tracker: Tracker) -> s
         weight = metrics["blend_weight"]
         alone = " (the model adds nothing: TF-IDF alone)" if weight == 0 else ""
         lines.append(f"  blend: model weight {weight:.1f}, TF-IDF {1 - weight:.1f}{alone}, chosen "
-                     "on validation; lorasweep-predict applies it, blend=false there: the model alone")
+                     "on validation; lorasweep-predict applies it, blend=false there: the model "
+                     "alone")
     lines.append(f"  outputs: {os.path.abspath(cfg.output_dir)}")
     if tracker.problem:
         lines.append(f"  WARNING: nothing was logged to MLflow: {tracker.problem}")
@@ -121,7 +142,7 @@ def run_summary(metrics: Dict[str, Any], cfg: DictConfig, tracker: Tracker) -> s
 COMPARED = (("blend", "blend_"), ("probe", "probe_"), ("tfidf", "baseline_"))
 
 
-def baseline_verdict(metrics: Dict[str, Any], objective: str) -> Optional[str]:
+def baseline_verdict(metrics: dict[str, Any], objective: str) -> str | None:
     """One line when the model's objective is below the TF-IDF baseline's on the same split."""
     prefix, _, name = objective.partition("_")
     ours, theirs = metrics.get(objective), metrics.get(f"{prefix}_baseline_{name}")
@@ -142,14 +163,14 @@ class Recipe:
     tokenizer: Any
     data: PreparedData
     base_path: str
-    resume_from: Optional[str]
-    comparison: Dict[str, float]  # the probe's scores (warm start); the baseline's join later
+    resume_from: str | None
+    comparison: dict[str, float]  # the probe's scores (warm start); the baseline's join later
     rank_zero: bool
     tfidf: Any = None  # the fitted TF-IDF baseline, when the run blends with it (rank 0)
 
 
 def train_and_save(cfg: DictConfig, tracker: Tracker,
-                   ds_config: Optional[dict]) -> Dict[str, Any]:
+                   ds_config: dict | None) -> dict[str, Any]:
     """set up -> fit -> finish. `ds_config`: the DeepSpeed dict built from cfg.deepspeed (None:
     no DeepSpeed). Every rank runs all three; only rank 0 writes."""
     started = time.perf_counter()
@@ -162,7 +183,7 @@ def train_and_save(cfg: DictConfig, tracker: Tracker,
     return metrics
 
 
-def set_up(cfg: DictConfig, tracker: Tracker, ds_config: Optional[dict]) -> Recipe:
+def set_up(cfg: DictConfig, tracker: Tracker, ds_config: dict | None) -> Recipe:
     """The order is ZeRO-3's: a random test model is materialised as a local dir first (after
     TrainingArguments exist, creating a model is a collective under ZeRO-3); TrainingArguments
     are built before `from_pretrained`, so ZeRO-3 partitions the weights as they load; the head
@@ -192,7 +213,7 @@ def set_up(cfg: DictConfig, tracker: Tracker, ds_config: Optional[dict]) -> Reci
     return Recipe(trainer, tokenizer, data, base_path, resume_from, comparison, rank_zero)
 
 
-def fit(cfg: DictConfig, recipe: Recipe) -> tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+def fit(cfg: DictConfig, recipe: Recipe) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Train (resuming if asked), end with the best epoch's weights, evaluate, save the model;
     the metrics (with the probe's and the baseline's) and each split's class probabilities."""
     trainer, data = recipe.trainer, recipe.data
@@ -224,8 +245,8 @@ def fit(cfg: DictConfig, recipe: Recipe) -> tuple[Dict[str, Any], Dict[str, np.n
     return metrics, {"validation": eval_probs, "test": test_probs}
 
 
-def finish(cfg: DictConfig, recipe: Recipe, tracker: Tracker, ds_config: Optional[dict],
-           metrics: Dict[str, Any], probabilities: Dict[str, np.ndarray]) -> None:
+def finish(cfg: DictConfig, recipe: Recipe, tracker: Tracker, ds_config: dict | None,
+           metrics: dict[str, Any], probabilities: dict[str, np.ndarray]) -> None:
     """Rank 0: the run's files, reports and MLflow record. Only now that the new model is saved:
     a rerun into a finished run's dir that fails earlier leaves that run's config, label map and
     serializer matching its model."""
@@ -245,7 +266,7 @@ def finish(cfg: DictConfig, recipe: Recipe, tracker: Tracker, ds_config: Optiona
 
 
 def warm_start(cfg: DictConfig, model, data: PreparedData, tokenizer, loss_fn,
-               resume_from: Optional[str]) -> Dict[str, float]:
+               resume_from: str | None) -> dict[str, float]:
     """`model.head_init=probe`: start the head from a linear probe of the frozen model; return
     the probe's scores. A resumed run takes its head from the checkpoint instead."""
     if cfg.model.head_init != "probe":
@@ -278,7 +299,7 @@ def write_data_files(cfg: DictConfig, data: PreparedData, run_dir: str) -> None:
     outputs.write_json(run_dir, outputs.DATASET_METADATA, data.metadata)
 
 
-def model_metadata(cfg: DictConfig, trainer, ds_config, base_path: str) -> Dict[str, Any]:
+def model_metadata(cfg: DictConfig, trainer, ds_config, base_path: str) -> dict[str, Any]:
     """What actually trained: the engine class and ZeRO stage DeepSpeed reports, world size."""
     wrapped = trainer.model_wrapped
     engine_stage = (wrapped.zero_optimization_stage()
@@ -314,7 +335,7 @@ def log_artifacts(tracker: Tracker, cfg: DictConfig, run_dir: str, report_files)
             tracker.log_artifact(os.path.join(run_dir, name), artifact_path=name)
 
 
-def objective_value(metrics: Dict[str, Any], metric: str) -> float:
+def objective_value(metrics: dict[str, Any], metric: str) -> float:
     """The float an Optuna sweep maximises; NaN/inf fails the trial instead of ranking it."""
     if metric not in metrics:
         available = ", ".join(sorted(k for k in metrics if k.startswith(("eval_", "test_"))))

@@ -7,13 +7,13 @@ import copyreg
 import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import SequentialSampler
-from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, Trainer,
-                          TrainingArguments)
+from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lorasweep import distributed, outputs
@@ -39,7 +39,7 @@ def best_model_metric(objective_metric: str) -> str:
 
 
 def build_training_arguments(train_cfg, run_dir: str, seed: int,
-                             ds_config: Optional[Dict[str, Any]],
+                             ds_config: dict[str, Any] | None,
                              objective_metric: str = "eval_f1_macro",
                              secret_keys: Sequence[str] = ()) -> TrainingArguments:
     """Build before `from_pretrained` (see `lorasweep.training.pipeline.set_up`).
@@ -118,7 +118,7 @@ class OrderedEvalTrainer(Trainer):
     ordered, sharded sampler.
     """
 
-    head_learning_rate: Optional[float] = None  # None: the head learns at learning_rate
+    head_learning_rate: float | None = None  # None: the head learns at learning_rate
     head_modules: tuple = ()  # module names trained in full beside the adapters
 
     def _get_eval_sampler(self, eval_dataset):
@@ -133,7 +133,7 @@ class OrderedEvalTrainer(Trainer):
             return super().create_optimizer(model)
         opt_model = self.model if model is None else model
         decay = set(self.get_decay_parameter_names(opt_model))
-        groups: Dict[tuple, list] = {}
+        groups: dict[tuple, list] = {}
         for name, param in opt_model.named_parameters():
             if param.requires_grad:
                 head = any(f".{m}." in f".{name}" for m in self.head_modules)
@@ -147,8 +147,8 @@ class OrderedEvalTrainer(Trainer):
 
 
 def build_trainer(model, args: TrainingArguments, tokenized, tokenizer, loss_fn,
-                  callbacks: List, early_stopping_patience: Optional[int] = None,
-                  head_learning_rate: Optional[float] = None,
+                  callbacks: list, early_stopping_patience: int | None = None,
+                  head_learning_rate: float | None = None,
                   head_modules: Sequence[str] = ()) -> Trainer:
     collator = DataCollatorWithPadding(tokenizer)
     if early_stopping_patience is not None:
@@ -175,13 +175,13 @@ def is_complete_checkpoint(path: str) -> bool:
         return False
 
 
-def checkpoint_step(path: str) -> Optional[int]:
+def checkpoint_step(path: str) -> int | None:
     """The global step in a checkpoint dir's name (`checkpoint-<step>`); None for another name."""
     prefix, _, step = os.path.basename(os.path.normpath(path)).rpartition("-")
     return int(step) if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() else None
 
 
-def find_resume_checkpoint(resume: str, run_dir: str) -> Optional[str]:
+def find_resume_checkpoint(resume: str, run_dir: str) -> str | None:
     """`auto`: the newest complete checkpoint in the run dir; `never`: None; else that path."""
     if resume == "never":
         return None
@@ -202,7 +202,7 @@ def find_resume_checkpoint(resume: str, run_dir: str) -> Optional[str]:
     return max(candidates)[1] if candidates else None
 
 
-def best_epoch(trainer: Trainer) -> Optional[float]:
+def best_epoch(trainer: Trainer) -> float | None:
     """The epoch of the checkpoint the Trainer ended with (load_best_model_at_end), else None."""
     best = trainer.state.best_model_checkpoint
     if not (trainer.args.load_best_model_at_end and best):
@@ -213,7 +213,7 @@ def best_epoch(trainer: Trainer) -> Optional[float]:
     return epochs[-1] if epochs else None
 
 
-def evaluate_split(trainer: Trainer, dataset, prefix: str) -> tuple[Dict[str, float], np.ndarray]:
+def evaluate_split(trainer: Trainer, dataset, prefix: str) -> tuple[dict[str, float], np.ndarray]:
     """Metrics and class probabilities, one row per dataset row, in dataset order."""
     result = trainer.predict(dataset, metric_key_prefix=prefix)
     logits = result.predictions[0] if isinstance(result.predictions, tuple) else result.predictions
