@@ -65,6 +65,21 @@ def compose_cfg(overrides: Sequence[str] = (), output_dir: str | None = None) ->
     return cfg
 
 
+def deepspeed_launcher(ranks: int) -> tuple[str, ...]:
+    """`deepspeed` for `ranks` ranks on a free port: tests that run at once (pytest-xdist) would
+    otherwise all take the launcher's default, 29500."""
+    from lorasweep.distributed import free_port
+
+    return ("deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()))
+
+
+def torchrun_launcher(ranks: int) -> tuple[str, ...]:
+    """`torchrun` for `ranks` ranks on a free port (see `deepspeed_launcher`)."""
+    from lorasweep.distributed import free_port
+
+    return ("torchrun", "--nproc_per_node", str(ranks), "--master_port", str(free_port()))
+
+
 def cli_env() -> dict:
     env = dict(os.environ)
     for name in ("HYDRA_FULL_ERROR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
@@ -73,13 +88,20 @@ def cli_env() -> dict:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        # Tests run two at a time (make test): one thread per process, so that a 2-rank run and
+        # the other worker's run share the cores instead of spinning on them (OpenMP threads wait
+        # by spinning; oversubscribed, a 2-rank test ran 3-4x slower).
+        env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 
 def run_train(args: list[str], launcher: Sequence[str] = (sys.executable,), timeout: int = 600,
-              check: bool = False) -> subprocess.CompletedProcess:
-    """Run `<launcher> src/lorasweep/train.py <args>` from the repo root."""
-    cmd = [*launcher, str(TRAIN), *args]
+              check: bool = False, entry: Sequence[str] = (str(TRAIN),)
+              ) -> subprocess.CompletedProcess:
+    """Run `<launcher> src/lorasweep/train.py <args>` from the repo root (`entry`: what the
+    launcher runs, e.g. `("--module", "lorasweep.train")` instead of the file)."""
+    cmd = [*launcher, *entry, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

@@ -1,6 +1,6 @@
 """The model blended with its TF-IDF baseline: the saved TF-IDF model predicts what the fitted one
 did, the weight is chosen on validation. A real run's blend, saved and applied by predict.py:
-`assert_saved_blend_reproduces_the_run` (conftest.py), on test_warmstart.py's 2-rank ZeRO-3 run."""
+`assert_saved_blend_reproduces_the_run` (helpers.py), on test_warmstart.py's 2-rank ZeRO-3 run."""
 
 from __future__ import annotations
 

@@ -100,20 +100,18 @@ def assert_one_line_exit_2(proc, needle: str, run) -> None:
 
 
 @pytest.mark.parametrize("overrides,needle", BAD, ids=[" ".join(o) for o, _ in BAD])
-def test_bad_config_exits_2_with_one_line(overrides, needle, tmp_path):
-    run = tmp_path / "run"
-    proc = run_train([*overrides, "tracking=none", f"hydra.run.dir={run}"], timeout=300)
-    assert_one_line_exit_2(proc, needle, run)
+def test_bad_config_exits_2_with_one_line(overrides, needle, run_dir):
+    proc = run_train([*overrides, "tracking=none", f"hydra.run.dir={run_dir}"], timeout=300)
+    assert_one_line_exit_2(proc, needle, run_dir)
 
 
-def test_a_malformed_jsonl_line_exits_2_naming_the_line(tmp_path):
+def test_a_malformed_jsonl_line_exits_2_naming_the_line(tmp_path, run_dir, cache_dir):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"text": "a", "y": "1"}\n{"text": "b", "y": 2\n{"text": "c", "y": "3"}\n')
-    run = tmp_path / "run"
     proc = run_train(["model=tiny_bert", "data=files", f"data.train_path={rows}",
-                    "data.label_column=y", "tracking=none", f"hydra.run.dir={run}",
-                    f"data.cache_dir={tmp_path / 'cache'}"], timeout=300)
-    assert_one_line_exit_2(proc, "rows.jsonl: line 2 is not valid JSON", run)
+                    "data.label_column=y", "tracking=none", f"hydra.run.dir={run_dir}",
+                    f"data.cache_dir={cache_dir}"], timeout=300)
+    assert_one_line_exit_2(proc, "rows.jsonl: line 2 is not valid JSON", run_dir)
     assert '\'{"text": "b", "y": 2\'' in proc.stderr
 
 

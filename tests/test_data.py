@@ -85,14 +85,14 @@ def test_tokenization_cache_hit_on_second_run(tmp_path, caplog):
     assert meta["class_counts"]["train"]["81100"] > meta["class_counts"]["train"]["41200"]
 
 
-def test_a_cache_hit_is_the_whole_result_and_an_edited_file_misses(tmp_path, caplog):
+def test_a_cache_hit_is_the_whole_result_and_an_edited_file_misses(tmp_path, caplog, cache_dir):
     table = pd.read_parquet(SAMPLE).head(600)
     path = tmp_path / "rows.parquet"
     table.to_parquet(path)
     tokenizer = minilm_tokenizer()
     cfg = data_cfg(tmp_path, train_path=str(path), label_column="acct_code")
     first = prepare_data(cfg, tokenizer)
-    (tmp_path / "cache" / "prepared" / "0123.tmp-999").mkdir()  # a crashed writer's leftover
+    (cache_dir / "prepared" / "0123.tmp-999").mkdir()  # a crashed writer's leftover
     with caplog.at_level("INFO", logger="lorasweep.data.prepare"):
         # num_proc changes how, not what: still the same entry
         second = prepare_data(data_cfg(tmp_path, train_path=str(path), label_column="acct_code",
@@ -108,7 +108,7 @@ def test_a_cache_hit_is_the_whole_result_and_an_edited_file_misses(tmp_path, cap
     with caplog.at_level("INFO", logger="lorasweep.data.prepare"):
         prepare_data(cfg, tokenizer)
     assert "data cache miss" in caplog.text
-    entries = [p.name for p in (tmp_path / "cache" / "prepared").iterdir() if ".tmp-" not in p.name]
+    entries = [p.name for p in (cache_dir / "prepared").iterdir() if ".tmp-" not in p.name]
     assert len(entries) == 2
 
 
@@ -126,7 +126,7 @@ def test_labels_become_text_the_same_way_from_every_type():
         normalise_labels(datasets.Dataset.from_dict({"y": ["a", " ", None]}), "y", "f.csv")
 
 
-def test_a_tokenized_dataset_dict_is_used_as_it_is(tmp_path):
+def test_a_tokenized_dataset_dict_is_used_as_it_is(tmp_path, cache_dir):
     tokenizer = minilm_tokenizer()
     full, names = save_tokenized_dataset_dict(tmp_path / "dd", tokenizer)
     cfg = data_cfg(tmp_path, source="hf_disk", train_path=str(tmp_path / "dd"),
@@ -142,7 +142,7 @@ def test_a_tokenized_dataset_dict_is_used_as_it_is(tmp_path):
     meta = prepared.metadata
     assert meta["rows"] == {"train": 200, "validation": 50, "test": 50}
     assert meta["token_length_sample_size"] == 200 and meta["token_length"]["p99"] <= 32
-    assert not (tmp_path / "cache" / "prepared").exists()  # used in place, never copied
+    assert not (cache_dir / "prepared").exists()  # used in place, never copied
 
 
 def test_an_untokenized_dataset_dict_is_tokenized_and_its_cache_key_is_stable(tmp_path, caplog):
@@ -249,19 +249,18 @@ def test_validation_label_unknown_to_train(tmp_path):
     assert dropped.raw["validation"]["y"] == ["a"]
 
 
-def test_a_one_class_table_is_refused_before_any_work(tmp_path):
+def test_a_one_class_table_is_refused_before_any_work(tmp_path, run_dir, cache_dir):
     """30 rows all `a` would train a 1-label model scoring 1.0 on everything."""
     table = pd.DataFrame({"text": [f"row {i}" for i in range(30)], "y": ["a"] * 30})
-    run = tmp_path / "run"
     proc = run_train([*SMOKE, "data=files", f"data.train_path={write_csv(tmp_path, table)}",
-                      "data.label_column=y", f"data.cache_dir={tmp_path / 'cache'}",
-                      f"hydra.run.dir={run}"], timeout=300)
+                      "data.label_column=y", f"data.cache_dir={cache_dir}",
+                      f"hydra.run.dir={run_dir}"], timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("lorasweep: error:")]
     assert errors == ["lorasweep: error: data.label_column='y': 1 class in the train split "
                       "('a'); a classifier needs at least 2"], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    assert not (run / "adapter").exists() and not (run / "label_map.json").exists()
+    assert not (run_dir / "adapter").exists() and not (run_dir / "label_map.json").exists()
 
 
 def test_a_one_class_tokenized_dataset_dict_is_refused(tmp_path):

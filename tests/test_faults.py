@@ -44,11 +44,12 @@ def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout: float = 240)
     (signal.SIGTERM, 143, "interrupted (SIGTERM)"), (signal.SIGINT, 130, "interrupted (Ctrl-C)")],
     ids=["SIGTERM", "SIGINT"])
 def test_a_signal_mid_training_ends_the_run_killed_and_a_rerun_resumes(signum, code, reason,
-                                                                       tmp_path):
-    run, uri = tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}"
+                                                                       tmp_path, run_dir,
+                                                                       cache_dir):
+    run, uri = run_dir, f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = [*SMOKE[:2], f"tracking.uri={uri}", "tracking.experiment_name=faults",
             "training.max_steps=80", "training.save_strategy=steps", "training.save_steps=5",
-            f"hydra.run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}"]
+            f"hydra.run.dir={run}", f"data.cache_dir={cache_dir}"]
     # A job started in the background inherits SIGINT ignored; Python then adds no Ctrl-C handler.
     proc = subprocess.Popen([sys.executable, str(TRAIN), *args], cwd=ROOT, env=cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

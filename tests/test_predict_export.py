@@ -18,6 +18,9 @@ EXPORT = ROOT / "src" / "lorasweep" / "export.py"
 LEDGER = ROOT / "data" / "sample_ledger" / "ledger.parquet"
 ATOL = 1e-6  # fp32 noise from padding a row in a batch versus running it alone
 
+# One xdist worker runs the file: one trained run for all of its tests.
+pytestmark = pytest.mark.xdist_group("trained_run")
+
 
 def run_tool(script: Path, args, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=cli_env(),
@@ -215,12 +218,13 @@ def test_predict_max_length_past_the_model_is_one_line(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failing_rerun_into_a_finished_run_leaves_it_unchanged(trained_run, tmp_path):
+def test_a_failing_rerun_into_a_finished_run_leaves_it_unchanged(trained_run, tmp_path, run_dir,
+                                                                  cache_dir):
     """A run dir's files describe the model in it: a rerun that fails before it has a new
     model rewrites none of them, and predict gives the same predictions as before."""
     names = ["config.yaml", "label_map.json", "dataset_metadata.json", "model_metadata.json",
              "metrics.json", "adapter", "tokenizer"]
-    run = copy_run_files(trained_run, tmp_path / "run", names)
+    run = copy_run_files(trained_run, run_dir, names)
     before = {n: (run / n).read_bytes() for n in names if (run / n).is_file()}
     source = tmp_path / "rows.parquet"
     pd.read_parquet(LEDGER).head(20).to_parquet(source, index=False)
@@ -229,7 +233,7 @@ def test_a_failing_rerun_into_a_finished_run_leaves_it_unchanged(trained_run, tm
     assert first.returncode == 0, first.stderr[-3000:]
     rerun = run_train([*SMOKE, "lora.target_modules=[nonexistent_module]",
                      "data.text_columns=[vendor]", f"hydra.run.dir={run}",
-                     f"data.cache_dir={tmp_path / 'cache'}"])
+                     f"data.cache_dir={cache_dir}"])
     assert rerun.returncode == 2 and "lora.target_modules" in rerun.stderr, rerun.stderr[-3000:]
     assert {n: (run / n).read_bytes() for n in before} == before
     second = run_tool(PREDICT, [f"run_dir={run}", f"input={source}",

@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from helpers import CONF, run_train
+from helpers import CONF, deepspeed_launcher, run_train
 from lorasweep.distributed import free_port
 from lorasweep.errors import ConfigError
 from lorasweep.tracking.sweep import (
@@ -171,7 +171,7 @@ def test_redis_study_continues_when_the_sweep_is_rerun(tmp_path):
 @pytest.mark.slow
 def test_sweep_inside_the_deepspeed_launcher_is_refused():
     proc = run_train(["-m", SPACE, "model=tiny_bert"],
-                     launcher=("deepspeed", "--num_gpus", "1"))
+                     launcher=deepspeed_launcher(1))
     assert proc.returncode != 0
     assert "cannot run inside the deepspeed/torchrun launcher" in proc.stderr + proc.stdout
 

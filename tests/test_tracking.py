@@ -17,7 +17,8 @@ from lorasweep.distributed import free_port
 from lorasweep.redaction import MASK
 from lorasweep.tracking.tracker import flatten_params
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs the file: one MLflow server for all of its tests.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow_server")]
 
 
 @pytest.fixture(scope="module")
@@ -125,13 +126,14 @@ def files_holding(root: Path, needle: bytes):
 
 
 @pytest.mark.parametrize("given", ["inline", "env"])
-def test_a_secret_is_nowhere_in_the_run_dir_or_mlflow(mlflow_server, tmp_path, monkeypatch, given):
+def test_a_secret_is_nowhere_in_the_run_dir_or_mlflow(mlflow_server, tmp_path, run_dir, monkeypatch,
+                                                      given):
     """A hub token passed inline or through ${oc.env:...}: no file of the run dir (checkpoints
     included) and no MLflow param, tag or artifact holds it."""
     secret = f"hf_Zq{given}Secret7731"
     value = secret if given == "inline" else "${oc.env:LS_TEST_HUB_TOKEN}"
     monkeypatch.setenv("LS_TEST_HUB_TOKEN", secret)  # the CLI's environment is this one's
-    run_dir, experiment = tmp_path / "run", f"secret_{given}"
+    experiment = f"secret_{given}"
     run_train(["model=tiny_bert", "training=smoke", "baseline=none",
                f"tracking.uri={mlflow_server}",
                f"tracking.experiment_name={experiment}", f"hydra.run.dir={run_dir}",

@@ -1,4 +1,4 @@
-"""Head warm start (linear probe -> head), best-epoch selection and the TF-IDF baseline: unit
+"""Head warm start (linear probe -> head) and the TF-IDF baseline and blend beside it: unit
 tests on the probe's arithmetic, and real CLI runs (1 process, and 2 ranks under ZeRO-3)."""
 
 import json
@@ -13,6 +13,7 @@ from helpers import (
     SMOKE,
     assert_reload_reproduces_predictions,
     assert_saved_blend_reproduces_the_run,
+    deepspeed_launcher,
     run_train,
 )
 from lorasweep.model.warmstart import fit_probe, head_digest, head_inputs, head_layer
@@ -99,18 +100,17 @@ def saved_head_digest(run):
 
 
 @pytest.mark.slow
-def test_without_training_the_model_predicts_what_the_probe_predicts(tmp_path):
-    run = tmp_path / "run"
-    proc = run_train([*SMOKE, *NO_TRAINING, "baseline=tfidf", f"hydra.run.dir={run}",
-                      f"data.cache_dir={tmp_path / 'cache'}"], check=True)
-    metrics = metrics_of(run)
+def test_without_training_the_model_predicts_what_the_probe_predicts(run_dir, cache_dir):
+    proc = run_train([*SMOKE, *NO_TRAINING, "baseline=tfidf", f"hydra.run.dir={run_dir}",
+                      f"data.cache_dir={cache_dir}"], check=True)
+    metrics = metrics_of(run_dir)
     for split in ("eval", "test"):
         for name in SPLIT_METRICS:
             assert metrics[f"{split}_{name}"] == pytest.approx(metrics[f"{split}_probe_{name}"])
     assert metrics["probe_seconds"] > 0
     digests = logged_head_digests(proc.stdout + proc.stderr)
-    assert digests == [saved_head_digest(run)]
-    assert_reload_reproduces_predictions(run)
+    assert digests == [saved_head_digest(run_dir)]
+    assert_reload_reproduces_predictions(run_dir)
     # the baseline sits beside the model in metrics.json and in the closing table
     assert 0.0 <= metrics["test_baseline_f1_macro"] <= 1.0 and metrics["baseline_seconds"] > 0
     assert "tfidf test" in proc.stdout and "probe test" in proc.stdout
@@ -120,91 +120,28 @@ def test_without_training_the_model_predicts_what_the_probe_predicts(tmp_path):
     assert metrics["eval_blend_f1_macro"] >= max(metrics["eval_f1_macro"],
                                                  metrics["eval_baseline_f1_macro"]) - 1e-12
     assert "blend test" in proc.stdout and "blend: model weight" in proc.stdout
-    assert (run / BLEND_DIR).is_dir()
+    assert (run_dir / BLEND_DIR).is_dir()
 
 
 @pytest.mark.slow
-def test_every_zero3_rank_starts_from_the_same_probe_head(tmp_path):
+def test_every_zero3_rank_starts_from_the_same_probe_head(run_dir, cache_dir):
     """2 ranks, ZeRO-3 (the head is partitioned at load): each rank logs the head it set; they
     agree, the saved adapter holds it, and evaluation sharded over both ranks scores exactly
     what the probe scored. Rank 0 alone fits the TF-IDF baseline and blends; its saved blend
     reproduces what the run reported."""
-    run = tmp_path / "run"
     proc = run_train(["model=tiny_bert", "training=smoke", "tracking=none", "deepspeed=zero3",
-                      *NO_TRAINING, "log_all_ranks=true", f"hydra.run.dir={run}",
-                      f"data.cache_dir={tmp_path / 'cache'}"],
-                     launcher=("deepspeed", "--num_gpus", "2"), check=True)
+                      *NO_TRAINING, "log_all_ranks=true", f"hydra.run.dir={run_dir}",
+                      f"data.cache_dir={cache_dir}"],
+                     launcher=deepspeed_launcher(2), check=True)
     output = proc.stdout + proc.stderr
     digests = logged_head_digests(output)
     assert len(digests) == 2 and len(set(digests)) == 1, digests
-    assert saved_head_digest(run) == digests[0]
-    metrics = metrics_of(run)
+    assert saved_head_digest(run_dir) == digests[0]
+    metrics = metrics_of(run_dir)
     assert metrics["eval_f1_macro"] == pytest.approx(metrics["eval_probe_f1_macro"])
-    meta = json.loads((run / "model_metadata.json").read_text())
+    meta = json.loads((run_dir / "model_metadata.json").read_text())
     assert meta["zero_stage_engine"] == 3 and meta["world_size"] == 2
     assert 0.0 <= metrics["test_baseline_f1_macro"] <= 1.0
     assert output.count("blend: model weight") == 2  # rank 0's log line and its closing table
-    assert [p.name for p in run.iterdir() if p.name.startswith(BLEND_DIR)] == [BLEND_DIR]
-    assert_saved_blend_reproduces_the_run(run)
-
-
-@pytest.mark.slow
-def test_the_run_ends_with_its_best_epoch_not_its_last(tmp_path):
-    """A learning rate that ramps up to 5.0 over the whole run (warmup to the last step): each
-    epoch diverges further, so epoch 1 has the lowest eval loss. The run must end with epoch 1's
-    weights: its final eval loss is epoch 1's, not epoch 3's, and the saved adapter reproduces
-    those predictions."""
-    import pandas as pd
-
-    from helpers import SAMPLE
-
-    csv = tmp_path / "small.csv"
-    pd.read_parquet(SAMPLE).sample(600, random_state=0).to_csv(csv, index=False)
-    run = tmp_path / "run"
-    run_train([*SMOKE, "data=files", f"data.train_path={csv}", "data.label_column=acct_code",
-               "training.max_steps=-1", "training.num_train_epochs=3",
-               "training.eval_strategy=epoch", "training.save_strategy=epoch",
-               "training.load_best_model_at_end=true", "training.learning_rate=5.0",
-               "training.warmup_steps=0.99", "training.per_device_train_batch_size=16",
-               "training.save_total_limit=3",  # keep every epoch's trainer_state.json
-               "model.head_init=random", "lora=default", "loss=ce",
-               "objective.metric=eval_loss", "baseline=none",
-               f"hydra.run.dir={run}", f"data.cache_dir={tmp_path / 'cache'}"],
-              check=True)
-    metrics = metrics_of(run)
-    last = max((run / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
-    history = json.loads((last / "trainer_state.json").read_text())["log_history"]
-    losses = {e["epoch"]: e["eval_loss"] for e in history if "eval_loss" in e}
-    assert sorted(losses) == [1.0, 2.0, 3.0]
-    best = min(losses, key=losses.get)
-    assert best == 1.0 and losses[3.0] > losses[2.0] > losses[1.0], losses  # the scenario
-    assert metrics["best_epoch"] == best
-    assert metrics["eval_loss"] == pytest.approx(losses[best], rel=1e-5)
-    assert_reload_reproduces_predictions(run)
-
-
-def test_the_head_and_pooler_learn_at_their_own_rate(tmp_path):
-    """training.head_learning_rate: the modules trained in full (PEFT's modules_to_save copies)
-    get their own optimizer groups at that rate; the adapters keep learning_rate."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
-
-    from lorasweep.training.trainer import OrderedEvalTrainer
-
-    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, num_labels=3)
-    model = get_peft_model(BertForSequenceClassification(config),
-                           LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"],
-                                      modules_to_save=["classifier", "pooler"]))
-    trainer = OrderedEvalTrainer(model=model, args=TrainingArguments(
-        output_dir=str(tmp_path), learning_rate=1e-3, report_to="none", use_cpu=True))
-    trainer.head_learning_rate, trainer.head_modules = 5e-3, ("classifier", "pooler")
-    optimizer = trainer.create_optimizer()
-    names = {id(p): n for n, p in model.named_parameters()}
-    by_lr = {}
-    for group in optimizer.param_groups:
-        by_lr.setdefault(group["lr"], set()).update(names[id(p)] for p in group["params"])
-    assert set(by_lr) == {1e-3, 5e-3}
-    assert by_lr[5e-3] and all("modules_to_save" in n for n in by_lr[5e-3])
-    assert any("classifier" in n for n in by_lr[5e-3]) and any("pooler" in n for n in by_lr[5e-3])
-    assert by_lr[1e-3] and all("lora_" in n for n in by_lr[1e-3])
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(BLEND_DIR)] == [BLEND_DIR]
+    assert_saved_blend_reproduces_the_run(run_dir)

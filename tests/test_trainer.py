@@ -1,0 +1,89 @@
+"""The Trainer lorasweep builds: the run ends with its best epoch, the head learns at its own rate,
+and resume finds the newest complete checkpoint."""
+
+import json
+
+import pandas as pd
+import pytest
+from peft import LoraConfig, get_peft_model
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+from helpers import SAMPLE, SMOKE, assert_reload_reproduces_predictions, run_train
+from lorasweep.training.trainer import (
+    OrderedEvalTrainer,
+    checkpoint_step,
+    find_resume_checkpoint,
+)
+
+
+def metrics_of(run):
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_run_ends_with_its_best_epoch_not_its_last(tmp_path, run_dir, cache_dir):
+    """A learning rate that ramps up to 5.0 over the whole run (warmup to the last step): the
+    model diverges, so epoch 1 has the lowest eval loss and the last epoch a higher one. The run
+    must end with epoch 1's weights: its final eval loss is epoch 1's, not epoch 3's, and the
+    saved adapter reproduces those predictions."""
+    csv = tmp_path / "small.csv"
+    pd.read_parquet(SAMPLE).sample(600, random_state=0).to_csv(csv, index=False)
+    run_train([*SMOKE, "data=files", f"data.train_path={csv}", "data.label_column=acct_code",
+               "training.max_steps=-1", "training.num_train_epochs=3",
+               "training.eval_strategy=epoch", "training.save_strategy=epoch",
+               "training.load_best_model_at_end=true", "training.learning_rate=5.0",
+               "training.warmup_steps=0.99", "training.per_device_train_batch_size=16",
+               "training.save_total_limit=3",  # keep every epoch's trainer_state.json
+               "model.head_init=random", "lora=default", "loss=ce",
+               "objective.metric=eval_loss", "baseline=none",
+               f"hydra.run.dir={run_dir}", f"data.cache_dir={cache_dir}"],
+              check=True)
+    metrics = metrics_of(run_dir)
+    last = max((run_dir / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))
+    history = json.loads((last / "trainer_state.json").read_text())["log_history"]
+    losses = {e["epoch"]: e["eval_loss"] for e in history if "eval_loss" in e}
+    assert sorted(losses) == [1.0, 2.0, 3.0]
+    best = min(losses, key=losses.get)
+    assert best == 1.0 and losses[3.0] > losses[1.0], losses  # the scenario
+    assert metrics["best_epoch"] == best
+    assert metrics["eval_loss"] == pytest.approx(losses[best], rel=1e-5)
+    assert_reload_reproduces_predictions(run_dir)
+
+
+def test_the_head_and_pooler_learn_at_their_own_rate(tmp_path):
+    """training.head_learning_rate: the modules trained in full (PEFT's modules_to_save copies)
+    get their own optimizer groups at that rate; the adapters keep learning_rate."""
+    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, num_labels=3)
+    model = get_peft_model(BertForSequenceClassification(config),
+                           LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"],
+                                      modules_to_save=["classifier", "pooler"]))
+    trainer = OrderedEvalTrainer(model=model, args=TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=1e-3, report_to="none", use_cpu=True))
+    trainer.head_learning_rate, trainer.head_modules = 5e-3, ("classifier", "pooler")
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr = {}
+    for group in optimizer.param_groups:
+        by_lr.setdefault(group["lr"], set()).update(names[id(p)] for p in group["params"])
+    assert set(by_lr) == {1e-3, 5e-3}
+    assert by_lr[5e-3] and all("modules_to_save" in n for n in by_lr[5e-3])
+    assert any("classifier" in n for n in by_lr[5e-3]) and any("pooler" in n for n in by_lr[5e-3])
+    assert by_lr[1e-3] and all("lora_" in n for n in by_lr[1e-3])
+
+
+def test_resume_auto_takes_the_newest_complete_checkpoint(tmp_path):
+    """A checkpoint dir without a readable trainer_state.json died while it was written: skipped.
+    Other names in checkpoints/ are not checkpoints at all."""
+    checkpoints = tmp_path / "checkpoints"
+    for step, state in ((10, '{"global_step": 10}'), (20, '{"global_step": 20}'), (30, "{")):
+        (checkpoints / f"checkpoint-{step}").mkdir(parents=True)
+        (checkpoints / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (checkpoints / "checkpoint-40").mkdir()  # no trainer_state.json yet
+    (checkpoints / "checkpoint-latest").mkdir()
+    (checkpoints / ".checkpoint-50.tmp-1").mkdir()
+    assert find_resume_checkpoint("auto", str(tmp_path)) == str(checkpoints / "checkpoint-20")
+    assert find_resume_checkpoint("never", str(tmp_path)) is None
+    assert find_resume_checkpoint("auto", str(tmp_path / "elsewhere")) is None
+    assert checkpoint_step("/runs/x/checkpoints/checkpoint-120/") == 120
+    assert checkpoint_step("checkpoint-latest") is None and checkpoint_step("run-7") is None
