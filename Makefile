@@ -20,8 +20,10 @@ demo: install
 	$(PY) src/lorasweep/train.py
 
 # The venv's bin/ first on PATH: the tests run the real `deepspeed` and `torchrun` commands.
+# Two workers (pytest-xdist) share out the tests; the files whose module fixtures are costly (a
+# trained run, an MLflow server, the installed wheel) run on one worker each (xdist_group).
 test: install
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -ra --durations=15
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m pytest -q -ra --durations=15 -n 2 --dist loadgroup
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench data
