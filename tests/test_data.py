@@ -112,6 +112,18 @@ def test_a_cache_hit_is_the_whole_result_and_an_edited_file_misses(tmp_path, cap
     assert len(entries) == 2
 
 
+def test_another_datasets_version_is_a_cache_miss(tmp_path, monkeypatch):
+    """An entry is read back by the `datasets` that wrote it: an older one cannot read a newer
+    one's features (datasets 3.0 fails on an entry that 5.2 wrote)."""
+    from lorasweep.data.cache import prepared_key
+
+    tokenizer, cfg = minilm_tokenizer(), data_cfg(tmp_path)
+    key = prepared_key(cfg, tokenizer)
+    assert prepared_key(cfg, tokenizer) == key
+    monkeypatch.setattr(datasets, "__version__", "0.0.1")
+    assert prepared_key(cfg, tokenizer) != key
+
+
 def test_labels_become_text_the_same_way_from_every_type():
     cases = [([51100, 41200], ["51100", "41200"]), ([51100.0, 41200.0], ["51100", "41200"]),
              (["51100", "x"], ["51100", "x"]), ([0.5, 2.0], ["0.5", "2"]),

@@ -3,8 +3,9 @@ an entry.
 
 A prepared result (splits, label map, tokenization, diagnostics) is stored under
 `<data.cache_dir>/prepared/<key>`. The key hashes the bytes of the input files, every data setting
-that changes the result and the tokenizer, so an edited file or a new setting is a miss and a moved
-file is still a hit. Entries are written whole or not at all.
+that changes the result, the tokenizer and the version of `datasets` that writes the entry (an
+older one cannot always read a newer one's features), so an edited file, a new setting or another
+`datasets` is a miss and a moved file is still a hit. Entries are written whole or not at all.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def prepared_key(data_cfg, tokenizer) -> str:
                   for key, files in input_files(data_cfg).items()},
         "settings": {k: v for k, v in settings.items() if k not in NOT_IN_KEY},
         "tokenizer": tokenizer_fingerprint(tokenizer), "version": CACHE_VERSION,
+        "datasets": datasets.__version__,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
