@@ -16,7 +16,7 @@ def compose_train(overrides):
 
     from lorasweep.config import CONF_DIR  # importing it registers the schemas conf/ uses
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR):
         return compose(config_name="train", overrides=list(overrides))
 
 

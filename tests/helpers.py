@@ -57,7 +57,7 @@ def extensions_dir_with_stale_lock(tmp_path: Path) -> Path:
 
 def compose_cfg(overrides: Sequence[str] = (), output_dir: str | None = None) -> DictConfig:
     """The real config tree, composed as Hydra would (minus the hydra: node's runtime values)."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF)):
         cfg = compose(config_name="train", overrides=list(overrides))
     if output_dir is not None:
         with open_dict(cfg):

@@ -246,7 +246,7 @@ def test_the_slurm_launcher_config_composes():
     with the real hydra-submitit-launcher plugin; no cluster here to submit to)."""
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF)):
         cfg = compose(config_name="train", return_hydra_config=True,
                       overrides=[SPACE, "hydra/launcher=slurm", "distributed.nproc_per_node=2"])
     launcher = cfg.hydra.launcher

@@ -42,7 +42,13 @@ def package_dir(module_name: str, subdir: str = "") -> str:
 
 
 if not OmegaConf.has_resolver("pkgdir"):
-    OmegaConf.register_new_resolver("pkgdir", package_dir)
+    OmegaConf.register_resolver("pkgdir", package_dir)
+
+# What a config may name in `_target_` for Hydra to instantiate (its callbacks, the sweeper's
+# sampler and pruner, logging handlers): this package, Hydra's plugins, Optuna's samplers and
+# pruners, the standard logging module. Hydra 1.4 warns about a target outside such a list.
+EXECUTION_WHITELIST = ["lorasweep.*", "hydra_plugins.*", "optuna.samplers.*", "optuna.pruners.*",
+                       "logging.*"]
 
 
 @dataclass

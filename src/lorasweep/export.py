@@ -22,7 +22,7 @@ from omegaconf import MISSING, DictConfig
 
 from lorasweep import outputs
 from lorasweep.cli.harness import exit_2_on_user_error, run_cli
-from lorasweep.config import CONF_DIR
+from lorasweep.config import CONF_DIR, EXECUTION_WHITELIST
 from lorasweep.errors import ConfigError
 from lorasweep.runs import load as runs
 
@@ -75,7 +75,7 @@ def export_run(cfg) -> dict[str, Any]:
             "has_blend": os.path.isdir(os.path.join(run_dir, outputs.BLEND_DIR))}
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
+@hydra.main(config_path=CONF_DIR, config_name="export", execution_whitelist=EXECUTION_WHITELIST)
 def main(cfg: DictConfig) -> dict[str, Any]:
     summary = exit_2_on_user_error(export_run, cfg)
     print(f"lorasweep: exported {summary['model_class']} ({summary['num_labels']} labels) "

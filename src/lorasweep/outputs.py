@@ -30,6 +30,7 @@ METRICS = "metrics.json"
 MODEL_METADATA = "model_metadata.json"
 DATASET_METADATA = "dataset_metadata.json"
 RUN_CONFIG = "config.yaml"
+PRUNED = "pruned.json"  # a sweep trial stopped by its pruner (lorasweep.training.pruning)
 
 
 @contextmanager

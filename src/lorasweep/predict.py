@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from lorasweep.cli.harness import exit_2_on_user_error, run_cli
-from lorasweep.config import CONF_DIR, check_max_length
+from lorasweep.config import CONF_DIR, EXECUTION_WHITELIST, check_max_length
 from lorasweep.data.tables import WRITERS
 from lorasweep.errors import ConfigError
 from lorasweep.runs import load as runs
@@ -106,7 +106,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
+@hydra.main(config_path=CONF_DIR, config_name="predict", execution_whitelist=EXECUTION_WHITELIST)
 def main(cfg: DictConfig) -> dict[str, Any]:
     summary = exit_2_on_user_error(predict_file, cfg)
     print(format_summary(summary), flush=True)

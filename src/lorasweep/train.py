@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lorasweep.cli.harness import exit_2_on_user_error, exit_with_user_error, run_cli
-from lorasweep.config import CONF_DIR, check_run_config
+from lorasweep.config import CONF_DIR, EXECUTION_WHITELIST, check_run_config
 from lorasweep.distributed import (
     agree_on_run_dir,
     destroy_process_group,
@@ -26,7 +26,7 @@ from lorasweep.distributed import (
 from lorasweep.errors import UserError
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(config_path=CONF_DIR, config_name="train", execution_whitelist=EXECUTION_WHITELIST)
 def main(cfg: DictConfig) -> float:
     return exit_2_on_user_error(train, cfg)
 
@@ -79,7 +79,7 @@ def resolve_run_dir(argv) -> str:
     overrides = list(args.overrides)
     if args.config_dir:
         overrides.append(f"hydra.searchpath=[file://{os.path.abspath(args.config_dir)}]")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR):
         cfg = compose(config_name=args.config_name or "train", overrides=overrides,
                       return_hydra_config=True)
         return str(cfg.hydra.run.dir)

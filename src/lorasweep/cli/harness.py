@@ -17,6 +17,7 @@ from lorasweep.interrupts import Terminated, failure_reason, raise_on_sigterm
 EXIT_USER_ERROR = 2
 EXIT_SIGINT = 130  # 128 + the signal number, as a shell reports a process killed by it
 EXIT_SIGTERM = 143
+EXIT_PRUNED = 3  # a launched sweep trial stopped by its pruner (the sweeper reads pruned.json)
 
 
 def _user_errors() -> tuple:
@@ -52,6 +53,11 @@ def run_cli(entry: Callable[[], object]) -> None:
         exit_with_user_error(exc)
     except (KeyboardInterrupt, Terminated) as exc:
         exit_interrupted(exc)
+    except Exception as exc:
+        if type(exc).__name__ != "TrialPruned":  # optuna's, raised by a launched sweep trial
+            raise
+        print(f"lorasweep: trial {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PRUNED)
 
 
 def exit_2_on_user_error(task: Callable, *args):

@@ -20,14 +20,15 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lorasweep.errors import one_line
 from lorasweep.redaction import mask_overrides
-from lorasweep.tracking.tracker import finish_parent_run, start_parent_run
+from lorasweep.tracking.study import DASHBOARD, TrialLink, job_value, mask_url, storage_url
+from lorasweep.tracking.tracker import finish_parent_run, resolve_uri, start_parent_run
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ IMPORTANCE_PNG = "param_importances.png"
 class SweepCallback(Callback):
     def __init__(self) -> None:
         self.parent = None  # (MlflowClient, run_id) when tracking to MLflow
-        self.started: dict[str, float] = {}
+        self.started: dict[str, tuple[float, int | None]] = {}  # (time, Optuna trial number)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.tracking.backend == "mlflow":
@@ -47,22 +48,26 @@ class SweepCallback(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.mode == RunMode.MULTIRUN:
-            self.started[config.hydra.runtime.output_dir] = time.time()
+            link = TrialLink.from_env()  # set for the job only, not at its end
+            self.started[config.hydra.runtime.output_dir] = (
+                time.time(), link.number if link else None)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         run_dir = config.hydra.runtime.output_dir
-        ok = job_return.status == JobStatus.COMPLETED
+        status, objective, reason = job_value(job_return)
         overrides = mask_overrides(job_return.overrides or [], config.tracking.secret_keys)
+        started, trial = self.started.pop(run_dir, (time.time(), None))
         record = {
-            "number": config.hydra.job.num,
+            # the Optuna trial's number (it goes on across reruns of a study), else the job's
+            "number": trial if trial is not None else config.hydra.job.num,
             "params": " ".join(overrides),
             "overrides": overrides,  # what param_importances parses
-            "objective": float(job_return._return_value) if ok else None,
-            "status": "COMPLETE" if ok else "FAIL",
-            "reason": "" if ok else one_line(job_return._return_value),
-            "duration_s": round(time.time() - self.started.pop(run_dir, time.time()), 1),
+            "objective": objective,
+            "status": status,
+            "reason": reason,
+            "duration_s": round(time.time() - started, 1),
             "run_dir": run_dir,
         }
         with open(os.path.join(run_dir, TRIAL_RECORD), "w") as fh:
@@ -77,6 +82,18 @@ class SweepCallback(Callback):
                  made_or_none(plot_importances, sweep_dir, trials, config)]
         if self.parent is not None:
             finish_parent_run(self.parent, config, trials, [csv_path, *plots])
+        print(look_at_it(config), flush=True)
+
+
+def look_at_it(config: DictConfig) -> str:
+    """The commands that show the sweep: MLflow's UI on its runs, the dashboard on its study."""
+    lines = []
+    if config.tracking.backend == "mlflow":
+        lines.append(f"  runs:  mlflow ui --backend-store-uri {resolve_uri(config.tracking)}")
+    url = storage_url(config.hydra.sweeper.get("storage"))
+    if url is not None:
+        lines.append(f"  study: {DASHBOARD} {mask_url(url)}   (pip install optuna-dashboard)")
+    return "\n".join(["look at it:", *lines]) if lines else ""
 
 
 def collect_trials(sweep_dir: str) -> list[dict[str, Any]]:
@@ -164,7 +181,7 @@ def search_space(sweeper_params: Mapping[str, Any] | None,
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 
     arguments = [f"{k}={v}" for k, v in (sweeper_params or {}).items()] + list(task_overrides)
-    distributions, fixed = create_params_from_overrides(arguments)
+    distributions, fixed, _ = create_params_from_overrides(arguments)
     return {name: dist for name, dist in distributions.items() if name not in fixed}
 
 
@@ -172,18 +189,14 @@ def param_value(text: str, distribution: Any) -> Any:
     """A trial's override value back in its distribution's type (the Optuna sweeper wrote
     `str(value)`, Hydra's basic sweeper its override syntax)."""
     from hydra.core.override_parser.types import Override
-    from optuna.distributions import (
-        CategoricalDistribution,
-        IntLogUniformDistribution,
-        IntUniformDistribution,
-    )
+    from optuna.distributions import CategoricalDistribution, IntDistribution
 
     if isinstance(distribution, CategoricalDistribution):
         for choice in distribution.choices:
             if text in (str(choice), Override._get_value_element_as_str(choice)):
                 return choice
         raise ValueError(f"not one of {list(distribution.choices)}")
-    if isinstance(distribution, (IntUniformDistribution, IntLogUniformDistribution)):
+    if isinstance(distribution, IntDistribution):
         return int(text)
     return float(text)
 

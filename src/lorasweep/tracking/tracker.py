@@ -197,6 +197,10 @@ def start_parent_run(config: DictConfig):
                                   "sweep_dir": os.path.abspath(config.hydra.sweep.dir)})
     os.environ[PARENT_ENV] = run.info.run_id  # trials nest their runs under it
     sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
+    if sweeper.get("storage"):  # a database URL may hold a password
+        from lorasweep.tracking.study import mask_url
+
+        sweeper["storage"] = mask_url(str(sweeper["storage"]))
     params = {f"sweeper.{k}": str(v)[:6000] for k, v in sweeper.items() if k != "params"}
     params.update({f"search.{k}": str(v) for k, v in (sweeper.get("params") or {}).items()})
     for key, value in params.items():

@@ -167,6 +167,10 @@ def run_launched(launcher: str, nproc: int, overrides: Sequence[str], run_dir: s
         _stop_group(proc)
         raise
     _kill_group(proc)  # reap any rank the launcher left behind
+    if os.path.isfile(os.path.join(run_dir, outputs.PRUNED)):  # its ranks stopped on the pruner
+        import optuna
+
+        raise optuna.TrialPruned(outputs.read_json(run_dir, outputs.PRUNED)["reason"])
     metrics_path = os.path.join(run_dir, outputs.METRICS)
     if code != 0 or not os.path.isfile(metrics_path):
         raise RuntimeError(f"the {launcher} launcher exited with code {code} for run dir "

@@ -55,6 +55,7 @@ from lorasweep.training.deepspeed_config import (
     estimate_model_state_memory,
     zero_stage,
 )
+from lorasweep.training.pruning import pruning_callback, stop_if_pruned
 from lorasweep.training.trainer import (
     best_epoch,
     build_trainer,
@@ -91,9 +92,13 @@ def run(cfg: DictConfig, overrides: tuple = (), check: bool = True) -> dict[str,
                           "run_dir": os.path.abspath(cfg.output_dir)})
         metrics = train_and_save(cfg, tracker, ds_config)
         status = "FINISHED"
-    except BaseException as exc:  # KILLED for Ctrl-C / SIGTERM, FAILED otherwise
+    except BaseException as exc:  # KILLED for Ctrl-C / SIGTERM and pruning, FAILED otherwise
         status = run_status(exc)
-        tracker.set_tags({"failure_reason": failure_reason(exc)})
+        if type(exc).__name__ == "TrialPruned":  # optuna's; stopped early on purpose
+            status = "KILLED"
+            tracker.set_tags({"lorasweep.pruned": "true", "pruned_reason": str(exc)})
+        else:
+            tracker.set_tags({"failure_reason": failure_reason(exc)})
         raise
     finally:
         tracker.end(status)
@@ -167,6 +172,7 @@ class Recipe:
     comparison: dict[str, float]  # the probe's scores (warm start); the baseline's join later
     rank_zero: bool
     tfidf: Any = None  # the fitted TF-IDF baseline, when the run blends with it (rank 0)
+    pruning: Any = None  # a sweep trial's PruningCallback, when its study can prune it
 
 
 def train_and_save(cfg: DictConfig, tracker: Tracker,
@@ -206,11 +212,14 @@ def set_up(cfg: DictConfig, tracker: Tracker, ds_config: dict | None) -> Recipe:
     resume_from = find_resume_checkpoint(cfg.resume, cfg.output_dir)
     comparison = warm_start(cfg, model, data, tokenizer, loss_fn, resume_from)
     model = apply_lora(model, cfg.lora)
+    pruning = pruning_callback(cfg.objective.metric, cfg.output_dir)
     trainer = build_trainer(model, args, data.tokenized, tokenizer, loss_fn,
-                            [TrackingCallback(tracker)], cfg.training.early_stopping_patience,
+                            [TrackingCallback(tracker), *([pruning] if pruning else [])],
+                            cfg.training.early_stopping_patience,
                             cfg.training.head_learning_rate,
                             cfg.lora.modules_to_save if cfg.lora.enable else HEAD_NAMES)
-    return Recipe(trainer, tokenizer, data, base_path, resume_from, comparison, rank_zero)
+    return Recipe(trainer, tokenizer, data, base_path, resume_from, comparison, rank_zero,
+                  pruning=pruning)
 
 
 def fit(cfg: DictConfig, recipe: Recipe) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -220,6 +229,7 @@ def fit(cfg: DictConfig, recipe: Recipe) -> tuple[dict[str, Any], dict[str, np.n
     if recipe.resume_from:
         log.info("resuming from %s", recipe.resume_from)
     train_result = trainer.train(resume_from_checkpoint=recipe.resume_from)
+    stop_if_pruned(recipe.pruning, cfg.output_dir)
     eval_metrics, eval_probs = evaluate_split(trainer, data.tokenized["validation"], "eval")
     test_metrics, test_probs = evaluate_split(trainer, data.tokenized["test"], "test")
     save_model(trainer, cfg.output_dir, recipe.tokenizer, cfg.lora.enable)
