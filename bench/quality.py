@@ -124,7 +124,8 @@ def sweep_best(overrides, trials: int, work: str) -> tuple:
     subprocess.run([sys.executable, str(ROOT / "src" / "lorasweep" / "train.py"), "-m",
                     "hparams_search=optuna_f1", f"hydra.sweeper.n_trials={trials}",
                     "tracking=none", *overrides, f"data.cache_dir={work}/cache",
-                    f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, check=True)
+                    f"hydra.sweep.dir={sweep_dir}", f"hydra.sweeper.storage={work}/study.db"],
+                   cwd=ROOT, check=True)
     records = [json.loads(p.read_text()) for p in sweep_dir.glob("*/trial.json")]
     best = max((r for r in records if r["status"] == "COMPLETE"), key=lambda r: r["objective"])
     metrics = json.loads(Path(best["run_dir"], "metrics.json").read_text())

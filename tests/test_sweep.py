@@ -1,13 +1,10 @@
 """Sweeps in one sweeper process: Optuna trials (1 and 2 ranks each), a failing trial, MLflow
-parent + child runs, a Redis-backed study resumed by rerunning, and `-m` refused in a launcher;
+parent + child runs, and `-m` refused in a launcher (durable studies and pruning: test_study.py);
 parameter importance from trial records (no training)."""
 
 import logging
 import os
 import random
-import shutil
-import subprocess
-import time
 
 import pytest
 import yaml
@@ -15,14 +12,15 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from helpers import CONF, deepspeed_launcher, run_train
-from lorasweep.distributed import free_port
 from lorasweep.errors import ConfigError
 from lorasweep.tracking.sweep import (
     IMPORTANCE_PNG,
     made_or_none,
     param_importances,
+    plot_history,
     plot_importances,
     search_space,
+    study_from_records,
 )
 from lorasweep.training.launcher import launcher_command, place_trial, trials_at_once
 
@@ -32,7 +30,7 @@ SPACE = "hparams_search=optuna_f1"
 def sweep(tmp_path, name, *extra, check=True):
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = run_train(["-m", SPACE, "model=tiny_bert", "training=smoke", "baseline=none",
-                      f"tracking.uri={db}",
+                      f"tracking.uri={db}", f"hydra.sweeper.storage={tmp_path / 'study.db'}",
                       f"tracking.experiment_name={name}", f"hydra.sweep.dir={tmp_path / name}",
                       *extra], timeout=900, check=check)
     return proc, db
@@ -144,31 +142,6 @@ def test_a_failing_trial_does_not_stop_the_sweep(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
-def test_redis_study_continues_when_the_sweep_is_rerun(tmp_path):
-    import redis
-
-    port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                               "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    try:
-        time.sleep(1)
-        args = ["hydra.sweeper.n_trials=1", f"hydra.sweeper.storage=redis://127.0.0.1:{port}",
-                "hydra.sweeper.study_name=shared", "tracking=none"]
-        sweep(tmp_path, "first", *args)
-        sweep(tmp_path, "second", *args)
-        import optuna
-
-        study = optuna.load_study(study_name="shared",
-                                  storage=f"redis://127.0.0.1:{port}")
-        assert len(study.trials) == 2  # the second sweep added its trial to the first's
-        assert redis.Redis(port=port).ping()
-    finally:
-        server.terminate()
-        server.wait()
-
-
-@pytest.mark.slow
 def test_sweep_inside_the_deepspeed_launcher_is_refused():
     proc = run_train(["-m", SPACE, "model=tiny_bert"],
                      launcher=deepspeed_launcher(1))
@@ -211,12 +184,16 @@ def broken_plot(*args):
     raise RuntimeError("no display\nat all")
 
 
-def test_param_importance_from_trial_records(tmp_path, caplog):
+def test_param_importance_on_a_study_made_from_trial_records(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="lorasweep.tracking.sweep")
+    config = sweep_config(optuna_f1_params(), ["hparams_search=optuna_f1", "model=tiny_bert"])
     space = search_space(optuna_f1_params(), ["hparams_search=optuna_f1", "model=tiny_bert"])
     assert len(space) == 11
     trials = synthetic_trials(12)
-    importances, note = param_importances(trials, space)
+    study = study_from_records(trials, config)
+    assert len(study.trials) == 12
+    assert isinstance(study.trials[0].params["lora.r"], int)  # back in its distribution's type
+    importances, note = param_importances(study)
     assert note == "12 completed trials"
     assert set(importances) == set(space) - {"loss"}  # loss=ce in every trial: not assessed
     assert sum(importances.values()) == pytest.approx(1.0)
@@ -225,18 +202,20 @@ def test_param_importance_from_trial_records(tmp_path, caplog):
 
     # nothing to assess: too few completed trials, nothing varies, one parameter of a grid
     failed = dict(trials[1], status="FAIL", objective=None)
-    assert param_importances([trials[0], failed], space) == (
+    assert param_importances(study_from_records([trials[0], failed], config)) == (
         {}, "1 completed trial(s), importance needs at least 2")
     same = [dict(t, overrides=trials[0]["overrides"]) for t in trials[:4]]
-    assert param_importances(same, space)[1] == (
+    assert param_importances(study_from_records(same, config))[1] == (
         "no searched parameter varies across the 4 completed trials")
-    path = plot_importances(str(tmp_path), trials[:3], sweep_config(None, ["lora.r=8,16,4"]))
-    assert path is None and not (tmp_path / IMPORTANCE_PNG).exists()
+    grid = study_from_records(trials[:3], sweep_config(None, ["lora.r=8,16,4"]))
+    assert plot_importances(str(tmp_path), grid, "eval_f1_macro") is None
+    assert not (tmp_path / IMPORTANCE_PNG).exists()
     assert "no parameter-importance plot: only lora.r varies across the 3 completed trials" \
         in caplog.text
 
-    path = plot_importances(str(tmp_path), trials, sweep_config(optuna_f1_params(), []))
+    path = plot_importances(str(tmp_path), study, "eval_f1_macro")
     assert path == str(tmp_path / IMPORTANCE_PNG) and (tmp_path / IMPORTANCE_PNG).is_file()
+    assert plot_history(str(tmp_path), study) == str(tmp_path / "optimization_history.png")
     assert made_or_none(broken_plot, str(tmp_path)) is None  # a plot never fails the sweep
     assert "broken_plot: no plot: no display at all" in caplog.text
 

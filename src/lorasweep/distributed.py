@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -149,6 +150,8 @@ class RankFormatter(logging.Formatter):
 
 
 def destroy_process_group() -> None:
+    if "torch.distributed" not in sys.modules:  # never started (a signal may have come mid-import)
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -10,7 +10,7 @@ parts (its sampler, search-space parsing and trial configuration):
 - counts `n_trials` over the whole study: a trial stopped because its sweeper was interrupted
   does not count, so rerunning after a Ctrl-C, a SIGTERM or a SIGKILL finishes the sweep;
 - fails the trials a dead sweeper left RUNNING: at once when that sweeper ran on this host (its
-  process is gone), after the storage's heartbeat grace period otherwise;
+  process is gone), after three missed heartbeats (HEARTBEAT_S) when it ran on another;
 - lets several sweepers share one study (one file, or one PostgreSQL database): each asks for
   its trials from the same storage, so numbers never repeat and each samples from all results;
 - hands each trial the way back to its Optuna trial (`TrialLink`, in an environment variable the
@@ -28,6 +28,7 @@ import math
 import os
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -45,12 +46,20 @@ SWEEPER_ATTR = "lorasweep.sweeper"  # trial user attr: "host:pid:start time" of 
 INTERRUPTED_ATTR = "lorasweep.interrupted"  # trial user attr: failed because its sweeper stopped
 COMMAND_ATTR = "lorasweep.command"  # study user attr: the overrides of the command that made it
 RUN_DIR_ATTR = "lorasweep.run_dir"  # trial user attr: where the trial's run wrote its outputs
-HEARTBEAT_S = 60  # RDB storages: a running trial's heartbeat; stale after 3 missed beats
+HEARTBEAT_ATTR = "lorasweep.heartbeat"  # trial user attr: when its sweeper last said it runs
+HEARTBEAT_S = 60  # a running trial's heartbeat: dead after 3 missed beats (another host's)
 DASHBOARD = "optuna-dashboard"
 
 # In-memory studies by name: a trial run in the sweeper's own process (the basic launcher, one
 # rank) reaches its study here; trials in other processes cannot.
 _IN_MEMORY: dict[str, Any] = {}
+_FINISHED: list[Any] = []  # the study of the sweep that ended last in this process
+
+
+def finished_study():
+    """The study the last sweep in this process ran (the sweep callback plots it); None after
+    a grid sweep, which has no study."""
+    return _FINISHED[-1] if _FINISHED else None
 
 
 def storage_url(storage: str | None) -> str | None:
@@ -66,8 +75,8 @@ def storage_url(storage: str | None) -> str | None:
 
 
 def open_storage(storage: str | None):
-    """The Optuna storage object for `hydra.sweeper.storage` (None: in memory). A file's parent
-    dir is created; RDB storages (sqlite, PostgreSQL, MySQL) record trial heartbeats."""
+    """The Optuna storage object for `hydra.sweeper.storage` (None: in memory); a file's parent
+    dir is created."""
     import optuna
 
     url = storage_url(storage)
@@ -77,13 +86,12 @@ def open_storage(storage: str | None):
         os.makedirs(os.path.dirname(url), exist_ok=True)
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
+        with quiet_optuna():
+            return optuna.storages.JournalStorage(JournalFileBackend(url))
     if url.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(url[len("sqlite:///"):]) or ".", exist_ok=True)
     try:
-        with quiet_optuna():
-            return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=3 * HEARTBEAT_S)
+        return optuna.storages.RDBStorage(url)
     except Exception as exc:  # noqa: BLE001  (a bad URL, a server that does not answer, a driver)
         raise ConfigError(f"hydra.sweeper.storage={mask_url(url)}: cannot open the study "
                           f"storage: {one_line(exc)}") from None
@@ -91,14 +99,12 @@ def open_storage(storage: str | None):
 
 @contextmanager
 def quiet_optuna() -> Iterator[None]:
-    """Without the warnings Optuna gives for what this module does on purpose: heartbeats (and
-    their stale-trial check) are "experimental", and "supposed to be used with Study.optimize"
-    where this sweep asks and tells by itself."""
+    """Without the warnings Optuna gives for what lorasweep does on purpose: the journal file
+    storage, add_trial and the matplotlib plots are "experimental"."""
     import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         yield
 
 
@@ -126,13 +132,13 @@ def this_sweeper() -> str:
     return f"{socket.gethostname()}:{me.pid}:{me.create_time():.0f}"
 
 
-def sweeper_is_gone(owner: str) -> bool:
-    """True when the sweeper `owner` ("host:pid:start") ran on this host and has ended. Another
-    host's sweeper cannot be checked from here (the storage's heartbeat covers it)."""
+def sweeper_is_gone(owner: str, last_beat: float | None) -> bool:
+    """True when the sweeper `owner` ("host:pid:start") has ended: its process is gone (this
+    host), or it missed three heartbeats (another host; `last_beat` in seconds since the epoch)."""
     host, _, rest = owner.partition(":")
     pid, _, started = rest.partition(":")
     if host != socket.gethostname() or not pid.isdigit():
-        return False
+        return last_beat is not None and time.time() - last_beat > 3 * HEARTBEAT_S
     try:
         return f"{psutil.Process(int(pid)).create_time():.0f}" != started
     except psutil.NoSuchProcess:
@@ -140,21 +146,22 @@ def sweeper_is_gone(owner: str) -> bool:
 
 
 def fail_dead_trials(study) -> list[int]:
-    """Mark FAIL (interrupted) every RUNNING trial whose sweeper is gone; the storage's own
-    stale-heartbeat check covers sweepers on other hosts. Returns the trial numbers failed."""
-    import optuna
+    """Mark FAIL (interrupted) every RUNNING trial whose sweeper is gone; the trial numbers."""
     from optuna.trial import TrialState
 
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get(SWEEPER_ATTR)
-        if owner and sweeper_is_gone(owner) and fail_interrupted(study, trial._trial_id):
+        beat = trial.user_attrs.get(HEARTBEAT_ATTR)
+        if owner and sweeper_is_gone(owner, beat) and fail_interrupted(study, trial._trial_id):
             failed.append(trial.number)
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    optuna.storages.fail_stale_trials(study)
-    failed += [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-               if t.number not in before and t.number not in failed]
-    return sorted(failed)
+    return failed
+
+
+def report_dead_trials(study) -> None:
+    dead = fail_dead_trials(study)
+    if dead:
+        log.info("trials %s were RUNNING under a sweeper that is gone: marked FAIL", dead)
 
 
 def fail_interrupted(study, trial_id: int) -> bool:
@@ -182,21 +189,16 @@ def counted_trials(study) -> int:
 
 @contextmanager
 def heartbeat(study, trials: Sequence[Any]) -> Iterator[None]:
-    """While `trials` run, record their heartbeats (RDB storages), so a sweeper on another host
-    can tell them from the trials of a dead sweeper."""
-    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
-
+    """While `trials` run, stamp them every HEARTBEAT_S seconds (a user attr, in any storage),
+    so a sweeper on another host can tell them from the trials of a dead sweeper."""
     storage = study._storage
-    if not (isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)):
-        yield
-        return
     stop = threading.Event()
 
     def beat() -> None:
         while True:
             for trial in trials:
                 try:
-                    storage.record_heartbeat(trial._trial_id)
+                    storage.set_trial_user_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
                 except Exception as exc:  # noqa: BLE001  (a lost connection: retried next beat)
                     log.warning("heartbeat of trial %d not recorded: %s", trial.number,
                                 one_line(exc))
@@ -333,7 +335,9 @@ def run_sweep(impl, pruner: Mapping[str, Any] | None, arguments: list[str]) -> N
     pruner = OmegaConf.to_container(pruner, resolve=True) if pruner is not None else None
     study = open_study(impl, task, pruner)
     location = describe_storage(impl.storage, study.study_name, bool(pruner), impl.launcher)
-    done = counted_trials(study)
+    with quiet_optuna():
+        report_dead_trials(study)
+        done = counted_trials(study)
     print(f"lorasweep: study {study.study_name} ({location}): {done} of {impl.n_trials} "
           f"trials counted so far", flush=True)
     link = TrialLink(storage_url(impl.storage), study.study_name, pruner)
@@ -342,15 +346,14 @@ def run_sweep(impl, pruner: Mapping[str, Any] | None, arguments: list[str]) -> N
     write_results(impl, study)
     print(study_summary(study, location), flush=True)
     _IN_MEMORY.pop(study.study_name, None)
+    _FINISHED[:] = [study]
 
 
 def sweep_trials(impl, study, space, fixed_params, fixed_overrides) -> None:
     """Ask, launch and tell batches of `n_jobs` trials until the study counts `n_trials`."""
     owner = this_sweeper()
     while True:
-        dead = fail_dead_trials(study)
-        if dead:
-            log.info("trials %s were RUNNING under a sweeper that is gone: marked FAIL", dead)
+        report_dead_trials(study)
         to_go = impl.n_trials - counted_trials(study)
         if to_go <= 0:
             break

@@ -1,6 +1,8 @@
 """Hydra callback for multiruns (Optuna or grid): one MLflow parent run per sweep, a trial record
-per job, and at the end a trials table (printed, CSV) and plots (optimization history, parameter
-importance) next to Hydra's optimization_results.yaml.
+per job, and at the end a trials table (printed, CSV) and Optuna's own plots of the study
+(optimization history, parameter importance) next to Hydra's optimization_results.yaml. An
+Optuna sweep's plots show its real study (every sweeper's trials); a grid's, a study made from
+its trial records.
 
 Trials log their own nested MLflow child runs (lorasweep.tracking.tracker reads PARENT_ENV). The
 per-trial record is a file in the trial's dir, so it also works when trials run in other
@@ -13,10 +15,8 @@ import csv
 import glob
 import json
 import logging
-import math
 import os
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +27,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from lorasweep.errors import one_line
 from lorasweep.redaction import mask_overrides
-from lorasweep.tracking.study import DASHBOARD, TrialLink, job_value, mask_url, storage_url
+from lorasweep.tracking.study import (
+    DASHBOARD,
+    TrialLink,
+    finished_study,
+    job_value,
+    mask_url,
+    quiet_optuna,
+    storage_url,
+)
 from lorasweep.tracking.tracker import finish_parent_run, resolve_uri, start_parent_run
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,7 @@ log = logging.getLogger(__name__)
 TRIAL_RECORD = "trial.json"
 TRIALS_CSV = "trials.csv"
 IMPORTANCE_PNG = "param_importances.png"
+HISTORY_PNG = "optimization_history.png"
 
 
 class SweepCallback(Callback):
@@ -78,8 +87,10 @@ class SweepCallback(Callback):
         trials = collect_trials(sweep_dir)
         csv_path = write_trials_csv(sweep_dir, trials)
         print(format_trials(trials), flush=True)
-        plots = [made_or_none(plot_history, sweep_dir, trials),
-                 made_or_none(plot_importances, sweep_dir, trials, config)]
+        study = finished_study() or made_or_none(study_from_records, trials, config)
+        plots = [made_or_none(plot_history, sweep_dir, study),
+                 made_or_none(plot_importances, sweep_dir, study, config.objective.metric)
+                 ] if study is not None else []
         if self.parent is not None:
             finish_parent_run(self.parent, config, trials, [csv_path, *plots])
         print(look_at_it(config), flush=True)
@@ -128,31 +139,23 @@ def format_trials(trials: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_history(sweep_dir: str, trials: list[dict[str, Any]]) -> str | None:
-    """Objective per trial and the best so far (failed trials marked on the axis)."""
-    if not trials:
+def plot_history(sweep_dir: str, study) -> str | None:
+    """Optuna's optimization history of the study: each trial's objective, the best so far."""
+    import optuna
+
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    done = [t for t in trials if t["objective"] is not None]
-    best, best_line = float("-inf"), []
-    for t in done:
-        best = max(best, t["objective"])
-        best_line.append(best)
-    ax.plot([t["number"] for t in done], [t["objective"] for t in done], "o", label="trial")
-    ax.step([t["number"] for t in done], best_line, where="post", label="best so far")
-    failed = [t["number"] for t in trials if t["objective"] is None]
-    if failed:
-        ax.plot(failed, [ax.get_ylim()[0]] * len(failed), "x", color="red", label="failed")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("objective")
-    ax.set_title("Optimization history")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    _pyplot()
+    with quiet_optuna():
+        ax = optuna.visualization.matplotlib.plot_optimization_history(study)
+    return save_figure(ax.figure, os.path.join(sweep_dir, HISTORY_PNG), (7, 4))
+
+
+def save_figure(fig, path: str, size: tuple[float, float]) -> str:
+    fig.set_size_inches(*size)
     fig.tight_layout()
-    path = os.path.join(sweep_dir, "optimization_history.png")
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -186,8 +189,7 @@ def search_space(sweeper_params: Mapping[str, Any] | None,
 
 
 def param_value(text: str, distribution: Any) -> Any:
-    """A trial's override value back in its distribution's type (the Optuna sweeper wrote
-    `str(value)`, Hydra's basic sweeper its override syntax)."""
+    """A trial's override value back in its distribution's type (Hydra's override syntax)."""
     from hydra.core.override_parser.types import Override
     from optuna.distributions import CategoricalDistribution, IntDistribution
 
@@ -201,117 +203,75 @@ def param_value(text: str, distribution: Any) -> Any:
     return float(text)
 
 
-def trial_params(overrides: Sequence[str], space: Mapping[str, Any]) -> dict[str, Any]:
-    """The value of each searched parameter in a trial's overrides; ValueError naming the
-    parameter when one is missing or does not fit its distribution."""
-    given = dict(o.split("=", 1) for o in overrides if "=" in o)
-    params = {}
-    for name, distribution in space.items():
-        if name not in given:
-            raise ValueError(f"{name}: not among the trial's overrides")
-        try:
-            params[name] = param_value(given[name], distribution)
-        except ValueError as exc:
-            raise ValueError(f"{name}={given[name]}: {exc}") from None
-    return params
-
-
-def completed_trials(trials: list[dict[str, Any]], space: Mapping[str, Any]) -> list[Any]:
-    """The completed trial records as optuna FrozenTrials over `space`; a record whose values do
-    not fit the space (e.g. a study resumed with another space) is left out, with an info line."""
+def study_from_records(trials: list[dict[str, Any]], config: DictConfig):
+    """A grid sweep's study, in memory, from its trial records: the completed trials over the
+    searched values (a record that does not fit them is left out, with an info line); None when
+    the sweep searched nothing Optuna can describe (e.g. a grid over glob(...))."""
     import optuna
 
-    frozen = []
-    for record in trials:
-        objective = record.get("objective")
-        if record["status"] != "COMPLETE" or objective is None or not math.isfinite(objective):
-            continue
-        try:
-            params = trial_params(record.get("overrides") or record["params"].split(), space)
-            frozen.append(optuna.trial.create_trial(params=params, distributions=dict(space),
-                                                    value=objective))
-        except ValueError as exc:  # create_trial: a value outside its distribution
-            log.info("trial %s left out of the parameter importance: %s", record["number"], exc)
-    return frozen
-
-
-def param_importances(trials: list[dict[str, Any]], space: Mapping[str, Any],
-                      seed: int = 0) -> tuple[dict[str, float], str]:
-    """Importance of each searched parameter that varied, over the completed trials, from an
-    in-memory study rebuilt from the trial records (the sweeper's own study is out of reach when
-    its storage is in memory). Returns the importances (summing to 1, largest first) and a
-    one-line note: how they were assessed, or why there are none.
-
-    The evaluator is a random forest's mean decrease in impurity: optuna 2.10's default, fANOVA,
-    fails under numpy 2 (it assigns scikit-learn's (1, 1)-shaped node value into a float row)."""
-    import optuna
-
-    with warnings.catch_warnings():  # create_trial / add_trials are "experimental" in optuna 2
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        done = completed_trials(trials, space)
-        if len(done) < 2:
-            return {}, f"{len(done)} completed trial(s), importance needs at least 2"
-        varying = [name for name in space if len({repr(t.params[name]) for t in done}) > 1]
-        if len(varying) < 2:
-            what = f"only {varying[0]} varies" if varying else "no searched parameter varies"
-            return {}, f"{what} across the {len(done)} completed trials"
-        if len({t.value for t in done}) < 2:
-            return {}, f"the objective is the same in all {len(done)} completed trials"
-        verbosity = optuna.logging.get_verbosity()
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "A new study created" line
-        try:
-            study = optuna.create_study()
-            study.add_trials(done)
-            evaluator = optuna.importance.MeanDecreaseImpurityImportanceEvaluator(seed=seed)
-            importances = dict(optuna.importance.get_param_importances(
-                study, evaluator=evaluator, params=varying))
-        finally:
-            optuna.logging.set_verbosity(verbosity)
-    if not sum(importances.values()) > 0:  # no tree found a split (e.g. 2 trials, bootstrap)
-        return {}, f"the random forest found no split in {len(done)} completed trials"
-    return importances, f"{len(done)} completed trials"
-
-
-def plot_importances(sweep_dir: str, trials: list[dict[str, Any]],
-                     config: DictConfig) -> str | None:
-    """Bar chart of parameter importance; None, with an info line saying why, when there is
-    nothing to assess (too few trials, nothing varied)."""
     params = config.hydra.sweeper.get("params")
     params = OmegaConf.to_container(params, resolve=True) if params else {}
     try:
         space = search_space(params, list(config.hydra.overrides.task))
-    except NotImplementedError as exc:  # e.g. a grid over glob(...): not a distribution
-        log.info("no parameter-importance plot: %s", one_line(exc))
+    except NotImplementedError as exc:
+        log.info("no study plots: %s", one_line(exc))
         return None
-    importances, note = param_importances(trials, space)
+    with quiet_optuna():
+        study = optuna.create_study(direction="maximize")
+        for record in trials:
+            if record["status"] != "COMPLETE" or record.get("objective") is None:
+                continue
+            given = dict(o.split("=", 1) for o in record["overrides"] if "=" in o)
+            try:
+                values = {name: param_value(given[name], dist) for name, dist in space.items()}
+                study.add_trial(optuna.trial.create_trial(
+                    params=values, distributions=dict(space), value=record["objective"]))
+            except (KeyError, ValueError) as exc:
+                log.info("trial %s left out of the study plots: %s", record["number"], exc)
+    return study
+
+
+def param_importances(study, seed: int = 0) -> tuple[dict[str, float], str]:
+    """Optuna's importance (fANOVA) of each searched parameter that varied over the study's
+    completed trials: the importances (summing to 1, largest first) and a one-line note, how
+    they were assessed or why there are none."""
+    import optuna
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(done) < 2:
+        return {}, f"{len(done)} completed trial(s), importance needs at least 2"
+    names = sorted({name for t in done for name in t.params})
+    varying = [n for n in names if len({repr(t.params.get(n)) for t in done}) > 1]
+    if len(varying) < 2:
+        what = f"only {varying[0]} varies" if varying else "no searched parameter varies"
+        return {}, f"{what} across the {len(done)} completed trials"
+    if len({t.value for t in done}) < 2:
+        return {}, f"the objective is the same in all {len(done)} completed trials"
+    with quiet_optuna():
+        importances = dict(optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=seed),
+            params=varying))
+    if not sum(importances.values()) > 0:
+        return {}, f"no parameter explains the objective over {len(done)} completed trials"
+    return importances, f"{len(done)} completed trials"
+
+
+def plot_importances(sweep_dir: str, study, metric: str) -> str | None:
+    """Optuna's parameter-importance chart; None, with an info line saying why, when there is
+    nothing to assess (too few trials, nothing varied)."""
+    import optuna
+
+    importances, note = param_importances(study)
     if not importances:
         log.info("no parameter-importance plot: %s", note)
         return None
-    log.info("parameter importance for %s over %s: %s", config.objective.metric, note,
+    log.info("parameter importance for %s over %s: %s", metric, note,
              ", ".join(f"{name} {value:.2f}" for name, value in importances.items()))
-    constant = [name for name in space if name not in importances]
-    return draw_importances(os.path.join(sweep_dir, IMPORTANCE_PNG), importances,
-                            f"Parameter importance for {config.objective.metric} ({note})",
-                            f"not shown, one value in every completed trial: {', '.join(constant)}"
-                            if constant else "")
-
-
-def draw_importances(path: str, importances: Mapping[str, float], title: str,
-                     footnote: str = "") -> str:
-    plt = _pyplot()
-    names = list(importances)[::-1]  # barh draws bottom-up: the most important on top
-    values = [importances[name] for name in names]
-    height = 1.6 + 0.4 * len(names)
-    fig, ax = plt.subplots(figsize=(7, height))
-    bars = ax.barh(names, values, color="tab:blue")
-    ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=3)
-    ax.set_xlim(0, max(values) * 1.15)
-    ax.set_xlabel("importance: random forest, mean decrease in impurity (sums to 1)")
-    ax.set_title(title)
-    ax.grid(axis="x", alpha=0.3)
-    if footnote:
-        fig.text(0.01, 0.02, footnote, fontsize=8, color="dimgray")
-    fig.tight_layout(rect=(0, 0.25 / height if footnote else 0, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    _pyplot()
+    with quiet_optuna():
+        ax = optuna.visualization.matplotlib.plot_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0),
+            params=list(importances))
+    ax.set_title(f"Parameter importance for {metric} ({note})")
+    return save_figure(ax.figure, os.path.join(sweep_dir, IMPORTANCE_PNG),
+                       (7, 1.6 + 0.4 * len(importances)))
