@@ -52,3 +52,12 @@ def test_gpu_bench_runs_its_variants_on_cpu():
         assert float(rows[variant].split()[0]) > 0, out
     assert "skipped under --tiny" in rows[("zero2", "no")], out
     assert "DeepSpeedEngine" in table, out
+
+
+def test_sweep_bench_prints_the_storage_overheads():
+    out = run_bench("sweep.py", "--storage-only").stdout
+    for kind in ("memory", "sqlite", "journal"):
+        line = next(x for x in out.splitlines() if x.strip().startswith(kind))
+        assert float(line.split()[1]) > 0, line  # ms per trial, measured
+    writers = out[out.index("concurrent writers"):]
+    assert "20 trials, 0 kinds of error" in writers, out  # 4 writers x 5 trials, none lost

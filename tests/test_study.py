@@ -233,21 +233,35 @@ def test_a_hopeless_trial_is_pruned_and_says_so(tmp_path):
 
 
 @pytest.mark.slow
-def test_pruning_stops_both_ranks_of_a_two_rank_trial(tmp_path):
-    """Rank 0 reports and decides; both ranks stop at the same step (or the run would hang at
-    its next collective), and the sweeper reads the launched run's pruned.json."""
+def test_trials_on_two_ranks_each_and_pruning_stops_both_ranks(tmp_path):
+    """Each trial launches 2 ranks (a real ZeRO-2 engine) from the one sweeper process. In the
+    pruned trial rank 0 reports and decides, both ranks stop at the same step (or the run would
+    hang at its next collective), and the sweeper reads the launched run's pruned.json."""
     storage = str(tmp_path / "study.db")
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_train(sweep_args(tmp_path, "r", storage, "hydra.sweeper.n_trials=2", *EVALUATED,
                          "hydra.sweeper.pruner.n_startup_trials=1",
-                         "distributed.nproc_per_node=2", "deepspeed=zero2"),
+                         "distributed.nproc_per_node=2", "deepspeed=zero2",
+                         "tracking=mlflow", f"tracking.uri={db}", "tracking.experiment_name=r"),
               timeout=600, check=True)
     study = load(storage)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED], [
         (t.state, t.params["model.head_init"]) for t in study.trials]
+    meta = yaml.safe_load((tmp_path / "r" / "0" / "model_metadata.json").read_text())
+    assert meta["world_size"] == 2 and meta["wrapped_model_class"] == "DeepSpeedEngine"
+    config = yaml.safe_load((tmp_path / "r" / "0" / "config.yaml").read_text())
+    assert 1e-4 <= config["training"]["learning_rate"] <= 3e-3
     run_dir = Path(study.trials[1].user_attrs["lorasweep.run_dir"])
+    assert run_dir == tmp_path / "r" / "1"
     assert json.loads((run_dir / "pruned.json").read_text())["global_step"] == 2
-    log = (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""
-    assert "Traceback" not in log
+    client = MlflowClient(db)
+    runs = client.search_runs([client.get_experiment_by_name("r").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("lorasweep.sweep") == "parent"]
+    children = {r.data.tags["run_dir"]: r for r in runs
+                if r.data.tags.get("lorasweep.sweep") != "parent"}
+    assert len(parents) == 1 and len(children) == 2  # one MLflow run per trial: rank 0's
+    assert children[str(run_dir)].info.status == "KILLED"
+    assert children[str(tmp_path / "r" / "0")].info.status == "FINISHED"
 
 
 def test_the_dashboard_serves_a_study_file(tmp_path):

@@ -67,19 +67,6 @@ def test_optuna_sweep_three_trials_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_trials_on_two_ranks_each(tmp_path):
-    sweep(tmp_path, "ranks", "hydra.sweeper.n_trials=2", "distributed.nproc_per_node=2",
-          "deepspeed=zero2")
-    for trial in ("0", "1"):
-        meta = yaml.safe_load((tmp_path / "ranks" / trial / "model_metadata.json").read_text())
-        assert meta["world_size"] == 2 and meta["wrapped_model_class"] == "DeepSpeedEngine"
-        config = yaml.safe_load((tmp_path / "ranks" / trial / "config.yaml").read_text())
-        assert 1e-4 <= config["training"]["learning_rate"] <= 3e-3
-    parents, children = runs_by_kind(f"sqlite:///{tmp_path / 'mlflow.db'}", "ranks")
-    assert len(parents) == 1 and len(children) == 2
-
-
-@pytest.mark.slow
 def test_parallel_trials_with_joblib_share_the_cores(tmp_path):
     """hydra/launcher=joblib: two trials at once, each in its own worker, each given half of the
     CPU threads (on GPUs each would get its own devices: see the placement test below)."""

@@ -32,6 +32,11 @@ def is_rank_zero() -> bool:
     return rank() == 0
 
 
+def is_local_rank_zero() -> bool:
+    """The first rank on this node (on several nodes, LOCAL_RANK is 0 once per node)."""
+    return local_rank() == 0
+
+
 def launched() -> bool:
     """True when a launcher (deepspeed, torchrun) started this process."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ

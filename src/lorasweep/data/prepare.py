@@ -202,7 +202,9 @@ def prepare_data(data_cfg, tokenizer) -> PreparedData:
     """Split, label, serialize and tokenize, or load all of it from the cache.
 
     Rank 0 prepares first and fills the cache; the other ranks then load it. A bad input raises on
-    rank 0 inside the block and, after the barrier, on every other rank too.
+    rank 0 inside the block and, after the barrier, on every other rank too. On several nodes
+    with a cache dir of each node's own, a node's first rank misses, prepares and fills its
+    node's cache (the write is atomic, so a shared dir filled twice stays whole).
     """
     loaded = None  # a saved DatasetDict, loaded once here and used from here on
     if data_cfg.source == "hf_disk":
@@ -219,7 +221,7 @@ def prepare_data(data_cfg, tokenizer) -> PreparedData:
             return cached
         log.info("data cache miss (key %s): splitting and tokenizing", key)
         prepared = build_prepared(data_cfg, tokenizer, loaded)
-        if distributed.is_rank_zero():
+        if distributed.is_local_rank_zero():
             save_prepared(prepared, path)
         return prepared
 

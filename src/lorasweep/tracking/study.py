@@ -334,7 +334,8 @@ def run_sweep(impl, pruner: Mapping[str, Any] | None, arguments: list[str]) -> N
     task = [str(o) for o in impl.config.hydra.overrides.task]
     pruner = OmegaConf.to_container(pruner, resolve=True) if pruner is not None else None
     study = open_study(impl, task, pruner)
-    location = describe_storage(impl.storage, study.study_name, bool(pruner), impl.launcher)
+    prunes = bool(pruner) and not str(pruner.get("_target_", "")).endswith("NopPruner")
+    location = describe_storage(impl.storage, prunes, impl.launcher)
     with quiet_optuna():
         report_dead_trials(study)
         done = counted_trials(study)
@@ -405,7 +406,7 @@ def open_study(impl, task: Sequence[str], pruner: Mapping[str, Any] | None):
     return study
 
 
-def describe_storage(storage: str | None, name: str, pruning: bool, launcher) -> str:
+def describe_storage(storage: str | None, pruning: bool, launcher) -> str:
     """Where the study is, for the start line; why trials will not be pruned, if they will not."""
     url = storage_url(storage)
     if url is not None:

@@ -85,6 +85,10 @@ class SweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = config.hydra.sweep.dir
         trials = collect_trials(sweep_dir)
+        if not trials:  # the sweep stopped before its first trial (e.g. its storage failed)
+            if self.parent is not None:
+                finish_parent_run(self.parent, config, trials, [])
+            return
         csv_path = write_trials_csv(sweep_dir, trials)
         print(format_trials(trials), flush=True)
         study = finished_study() or made_or_none(study_from_records, trials, config)
