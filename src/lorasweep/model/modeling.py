@@ -68,8 +68,20 @@ def random_base_model(model_cfg, cache_dir: str, seed: int) -> str:
             # Headless, like a pretrained checkpoint: the classifier is sized at load time.
             model = AutoModel.from_config(config)
             with quiet_loading(), atomic_path(path) as tmp:
-                model.save_pretrained(tmp)
+                save_local_model(model, tmp)
     return path
+
+
+def save_local_model(model, path: str) -> None:
+    """A small, unpartitioned model as a checkpoint dir, written by whichever rank calls it:
+    `save_pretrained` writes on global rank 0 only once torch.distributed is up, and a node
+    whose cache dir is its own needs its copy too (a headless test model ties no weights)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    model.config.save_pretrained(path)
+    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+              os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
 def build_model(model_cfg, label_map: LabelMap, tokenizer, base_path: str):
