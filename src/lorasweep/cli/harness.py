@@ -54,7 +54,9 @@ def run_cli(entry: Callable[[], object]) -> None:
     except (KeyboardInterrupt, Terminated) as exc:
         exit_interrupted(exc)
     except Exception as exc:
-        if type(exc).__name__ != "TrialPruned":  # optuna's, raised by a launched sweep trial
+        from lorasweep.tracking.study import is_pruned
+
+        if not is_pruned(exc):  # a launched sweep trial's ranks, stopped by its pruner
             raise
         print(f"lorasweep: trial {exc}", file=sys.stderr, flush=True)
         sys.exit(EXIT_PRUNED)

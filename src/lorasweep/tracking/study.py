@@ -274,15 +274,21 @@ def study_env(link: TrialLink) -> Iterator[None]:
         os.environ.pop(STUDY_ENV, None)
 
 
+def is_pruned(exc: BaseException) -> bool:
+    """True for optuna.TrialPruned: a trial its pruner stopped (by design, not a failure)."""
+    import optuna
+
+    return isinstance(exc, optuna.TrialPruned)
+
+
 def job_value(ret) -> tuple[str, float | None, str]:
     """(state name, objective, reason) of a finished Hydra job: COMPLETE with a finite float,
     PRUNED when the job stopped on its pruner's word, FAIL otherwise."""
-    import optuna
     from hydra.core.utils import JobStatus
 
     if ret.status != JobStatus.COMPLETED:
         exc = ret._return_value
-        state = "PRUNED" if isinstance(exc, optuna.TrialPruned) else "FAIL"
+        state = "PRUNED" if is_pruned(exc) else "FAIL"
         return state, None, one_line(exc) if isinstance(exc, BaseException) else str(exc)
     try:
         value = float(ret._return_value)

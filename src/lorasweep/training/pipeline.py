@@ -41,6 +41,7 @@ from lorasweep.model.modeling import (
 )
 from lorasweep.model.warmstart import warm_start_head
 from lorasweep.redaction import mask_overrides
+from lorasweep.tracking.study import is_pruned
 from lorasweep.tracking.tracker import (
     Tracker,
     flatten_params,
@@ -94,7 +95,7 @@ def run(cfg: DictConfig, overrides: tuple = (), check: bool = True) -> dict[str,
         status = "FINISHED"
     except BaseException as exc:  # KILLED for Ctrl-C / SIGTERM and pruning, FAILED otherwise
         status = run_status(exc)
-        if type(exc).__name__ == "TrialPruned":  # optuna's; stopped early on purpose
+        if is_pruned(exc):  # stopped early on purpose
             status = "KILLED"
             tracker.set_tags({"lorasweep.pruned": "true", "pruned_reason": str(exc)})
         else:
