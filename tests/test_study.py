@@ -104,6 +104,7 @@ def test_a_killed_sweeper_leaves_no_trial_running_and_the_same_command_finishes_
     out = first.communicate(timeout=120)[0]
     assert first.returncode == 143, out
     assert "interrupted (SIGTERM)" in out
+    assert "the sweep stopped during trial(s) 0 (marked FAIL, not counted)" in out
     trials = load(storage).trials
     assert [t.state for t in trials] == [TrialState.FAIL]
     assert trials[0].user_attrs[INTERRUPTED_ATTR] is True

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -377,6 +378,9 @@ def sweep_trials(impl, study, space, fixed_params, fixed_overrides) -> None:
         except BaseException:  # Ctrl-C, SIGTERM, a launcher error: these trials did not end
             for trial in trials:
                 fail_interrupted(study, trial._trial_id)
+            print(f"lorasweep: the sweep stopped during trial(s) "
+                  f"{', '.join(str(t.number) for t in trials)} (marked FAIL, not counted); the "
+                  f"same command continues study {study.study_name}", file=sys.stderr, flush=True)
             raise
         impl.job_idx += len(returns)
         states = [tell(study, trial, ret) for trial, ret in zip(trials, returns, strict=True)]
