@@ -102,7 +102,10 @@ class TrainingSettings:
     lr_scheduler_type: str = "linear"
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
-    mixed_precision: str = "no"
+    # auto: bf16 autocast where the hardware computes bf16 natively (a CUDA device with bf16, a
+    # CPU with AVX512-BF16 / AMX), fp32 elsewhere; no: fp32. Weights and optimizer stay fp32.
+    # The warm start, evaluation and predict follow the same rule (lorasweep.model.precision).
+    mixed_precision: str = "auto"
     logging_steps: int = 20
     eval_strategy: str = "epoch"
     eval_steps: int | None = None
@@ -273,7 +276,7 @@ CHOICES = {
     "log_level": ("debug", "info", "warning"),
     "lora.bias": ("none", "all", "lora_only"),
     "lora.task_type": ("SEQ_CLS",),
-    "training.mixed_precision": ("no", "bf16", "fp16"),
+    "training.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "training.eval_strategy": ("no", "steps", "epoch"),
     "training.save_strategy": ("no", "steps", "epoch", "best"),
     "training.train_sampling_strategy": ("random", "sequential", "group_by_length"),
