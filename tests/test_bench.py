@@ -52,3 +52,13 @@ def test_gpu_bench_runs_its_variants_on_cpu():
         assert float(rows[variant].split()[0]) > 0, out
     assert "skipped under --tiny" in rows[("zero2", "no")], out
     assert "DeepSpeedEngine" in table, out
+
+
+def test_speed_bench_prints_training_and_evaluation_ratios():
+    out = run_bench("eval_speed.py").stdout
+    table = out[out.index("lorasweep speed bench"):]
+    for needle in ("(a) training auto / fp32", "variable-length", "uniform", "fp32",
+                   "(c) eval now (sorted, auto) / before (order, fp32)"):
+        assert needle in table, out
+    rows = [line for line in table.splitlines() if line.startswith("  (")]
+    assert len(rows) == 7 and all(float(line[80:88]) > 0 for line in rows), table
