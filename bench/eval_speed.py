@@ -135,8 +135,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="lorasweep-bench-") as work:
         rows = bench_training(args, work) + bench_evaluation(args, work)
     lines = ["", f"lorasweep speed bench ({args.model}, CPU)",
-             f"  {'measure':<62}{'values':>16}{'ratio':>8}  notes"]
-    lines += [f"  {name:<62}{values:>16}{ratio:>8.2f}  {notes}"
+             f"  {'measure':<70}{'values':>16}{'ratio':>8}  notes"]
+    lines += [f"  {name:<70}{values:>16}{ratio:>8.2f}  {notes}"
               for name, values, ratio, notes in rows]
     print("\n".join(lines), flush=True)
 

@@ -61,4 +61,4 @@ def test_speed_bench_prints_training_and_evaluation_ratios():
                    "(c) eval now (sorted, auto) / before (order, fp32)"):
         assert needle in table, out
     rows = [line for line in table.splitlines() if line.startswith("  (")]
-    assert len(rows) == 7 and all(float(line[80:88]) > 0 for line in rows), table
+    assert len(rows) == 7 and all(float(line[88:96]) > 0 for line in rows), table

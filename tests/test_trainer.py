@@ -1,10 +1,10 @@
 """The Trainer lorasweep builds: the run ends with its best epoch, the head learns at its own rate,
-and resume finds the newest complete checkpoint."""
+resume finds the newest complete checkpoint, and evaluation runs sorted by length with per-row
+outputs in dataset order."""
 
 import json
 
 import numpy as np
-
 import pandas as pd
 import pytest
 from peft import LoraConfig, get_peft_model

@@ -60,6 +60,11 @@ class ModelConfig:
     # the train split and start the head from it (the head then does not learn from scratch
     # while the encoder drifts); random: the head as from_pretrained initialises it.
     head_init: str = "probe"
+    # What the head reads. auto: the mean of the tokens for a sentence-transformers checkpoint
+    # (its modules.json / 1_Pooling/config.json say so; mean or cls), else the model's own head
+    # (BERT: its pooler; decoder models: the last non-pad token). mean / cls: the tokens' mean /
+    # the first token's hidden state in place of the pooler; pooler: the model's own head.
+    pooling: str = "auto"
 
 
 @dataclass
@@ -272,6 +277,7 @@ def run_metric_names(hierarchy_prefixes: Sequence[int]) -> list[str]:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.head_init": ("probe", "random"),
+    "model.pooling": ("auto", "pooler", "cls", "mean"),
     "baseline": ("tfidf", "none"),
     "log_level": ("debug", "info", "warning"),
     "lora.bias": ("none", "all", "lora_only"),

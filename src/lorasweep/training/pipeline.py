@@ -39,6 +39,7 @@ from lorasweep.model.modeling import (
     count_parameters,
     load_tokenizer,
 )
+from lorasweep.model.pooling import model_pooling
 from lorasweep.model.precision import Precision, resolve
 from lorasweep.model.warmstart import warm_start_head
 from lorasweep.redaction import mask_overrides
@@ -327,6 +328,7 @@ def model_metadata(cfg: DictConfig, trainer, ds_config, base_path: str,
         "parameters": count_parameters(trainer.model),
         "dtype": cfg.model.dtype,
         "mixed_precision": cfg.training.mixed_precision,
+        "pooling": model_pooling(trainer.model),
         "precision": precision.name,
         "precision_reason": precision.reason,
         "trainer_mixed_precision": trainer.args.mixed_precision,
