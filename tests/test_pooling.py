@@ -130,6 +130,6 @@ def test_a_mean_pooled_run_reloads_predicts_and_refuses_export(run_dir, cache_di
     export = subprocess.run([sys.executable, "-m", "lorasweep.export", f"run_dir={run_dir}",
                              f"output={tmp_path / 'exported'}"], cwd=ROOT, env=cli_env(),
                             capture_output=True, text=True, timeout=300)
-    lines = [x for x in export.stderr.splitlines() if x.strip()]
+    lines = [x for x in export.stderr.splitlines() if x.startswith("lorasweep: error:")]
     assert export.returncode == 2 and len(lines) == 1, export.stderr[-2000:]
     assert "model.pooling=pooler" in lines[0] and not (tmp_path / "exported").exists()
