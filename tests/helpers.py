@@ -118,20 +118,25 @@ def assert_reload_reproduces_predictions(run_dir: Path) -> None:
     length, training.per_device_eval_batch_size rows, padded to the longest) and in the precision
     the run computed in: a row's scores depend on its padding and on bf16 rounding, which a steep
     head (the tiny test models' probe) magnifies past any tight tolerance."""
-    from lorasweep.model.precision import resolve
     from lorasweep.runs.inference import predict_probabilities
     from lorasweep.runs.load import load_for_inference
 
     model, tokenizer, label_map, cfg = load_for_inference(str(run_dir))
     saved = pd.read_csv(run_dir / "reports" / "predictions_validation.csv",
                         dtype={"label": str, "pred_label": str})
-    metadata = json.loads((run_dir / "model_metadata.json").read_text())
-    precision = resolve(cfg.training.mixed_precision, "cpu")
-    assert precision.name == metadata["precision"]
+    precision = run_precision(run_dir)
     probs = predict_probabilities(model, tokenizer, saved["text"].tolist(), cfg.data.max_length,
                                   cfg.training.per_device_eval_batch_size, precision=precision)
     assert [label_map.labels[i] for i in probs.argmax(-1)] == saved["pred_label"].tolist()
     np.testing.assert_allclose(probs.max(-1), saved["pred_score"], rtol=1e-4, atol=1e-5)
+
+
+def run_precision(run_dir: Path):
+    """The precision the run computed in, as its model_metadata.json records it."""
+    from lorasweep.model.precision import Precision
+
+    metadata = json.loads((run_dir / "model_metadata.json").read_text())
+    return Precision(metadata["precision"], metadata["precision_reason"])
 
 
 def assert_saved_blend_reproduces_the_run(run_dir: Path) -> None:
@@ -154,10 +159,9 @@ def assert_saved_blend_reproduces_the_run(run_dir: Path) -> None:
     blend = SavedBlend(str(run_dir))
     assert blend.weight == metrics["blend_weight"]
     texts = saved["text"].tolist()
-    precision = resolve(cfg.training.mixed_precision, "cpu")  # the run's and predict's rule
     blended = blend.apply(texts, predict_probabilities(
         model, tokenizer, texts, cfg.data.max_length, cfg.training.per_device_eval_batch_size,
-        precision=precision))
+        precision=run_precision(run_dir)))
     truth = [label_map.label2id[label] for label in saved["label"]]
     scored = classification_metrics(blended.argmax(1), truth)
     assert scored["f1_macro"] == pytest.approx(metrics["eval_blend_f1_macro"])
@@ -165,8 +169,9 @@ def assert_saved_blend_reproduces_the_run(run_dir: Path) -> None:
     rows = pd.read_parquet(SAMPLE).head(30)
     rows.to_parquet(run_dir.parent / "rows.parquet", index=False)
     texts = serialize_batch(rows.to_dict(orient="list"), run_serialization(str(run_dir), cfg))
+    # predict's rule: the run's setting on predict's device (no DeepSpeed there)
     alone = predict_probabilities(model, tokenizer, texts, cfg.data.max_length,
-                                  precision=precision)
+                                  precision=resolve(cfg.training.mixed_precision, "cpu"))
     for use_blend, expected in ((True, blend.apply(texts, alone)), (False, alone)):
         out = run_dir.parent / f"predicted-{use_blend}.parquet"
         request = OmegaConf.merge(OmegaConf.structured(PredictConfig), {
