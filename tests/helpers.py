@@ -114,27 +114,29 @@ def assert_reload_reproduces_predictions(run_dir: Path) -> None:
     """The saved adapter + tokenizer + label map, reloaded with PEFT, give the predictions the
     training process wrote for the validation split (reports/predictions_validation.csv).
 
-    The rows go through the reloaded model in the batches the Trainer's evaluation used (dataset
-    order, training.per_device_eval_batch_size rows, padded to the longest): a row's scores
-    depend on its padding by float rounding, which a steep head (the tiny test models' probe)
-    magnifies past any tight tolerance. How predict batches is tested on its own."""
-    import torch
-    from transformers import DataCollatorWithPadding
-
+    The rows go through the reloaded model in the batches the run's evaluation used (sorted by
+    length, training.per_device_eval_batch_size rows, padded to the longest) and in the precision
+    the run computed in: a row's scores depend on its padding and on bf16 rounding, which a steep
+    head (the tiny test models' probe) magnifies past any tight tolerance."""
+    from lorasweep.runs.inference import predict_probabilities
     from lorasweep.runs.load import load_for_inference
 
     model, tokenizer, label_map, cfg = load_for_inference(str(run_dir))
     saved = pd.read_csv(run_dir / "reports" / "predictions_validation.csv",
                         dtype={"label": str, "pred_label": str})
-    encoded = tokenizer(saved["text"].tolist(), truncation=True, max_length=cfg.data.max_length)
-    rows = [dict(zip(encoded, values, strict=True))
-            for values in zip(*encoded.values(), strict=True)]
-    collate, size = DataCollatorWithPadding(tokenizer), cfg.training.per_device_eval_batch_size
-    with torch.no_grad():
-        probs = np.concatenate([torch.softmax(model(**collate(rows[i:i + size])).logits, -1)
-                                .numpy() for i in range(0, len(rows), size)])
+    precision = run_precision(run_dir)
+    probs = predict_probabilities(model, tokenizer, saved["text"].tolist(), cfg.data.max_length,
+                                  cfg.training.per_device_eval_batch_size, precision=precision)
     assert [label_map.labels[i] for i in probs.argmax(-1)] == saved["pred_label"].tolist()
     np.testing.assert_allclose(probs.max(-1), saved["pred_score"], rtol=1e-4, atol=1e-5)
+
+
+def run_precision(run_dir: Path):
+    """The precision the run computed in, as its model_metadata.json records it."""
+    from lorasweep.model.precision import Precision
+
+    metadata = json.loads((run_dir / "model_metadata.json").read_text())
+    return Precision(metadata["precision"], metadata["precision_reason"])
 
 
 def assert_saved_blend_reproduces_the_run(run_dir: Path) -> None:
@@ -146,6 +148,7 @@ def assert_saved_blend_reproduces_the_run(run_dir: Path) -> None:
     from lorasweep.data.serialization import serialize_batch
     from lorasweep.evaluation.blend import SavedBlend
     from lorasweep.evaluation.metrics import classification_metrics
+    from lorasweep.model.precision import resolve
     from lorasweep.predict import PredictConfig, format_summary, predict_file
     from lorasweep.runs.inference import predict_probabilities
     from lorasweep.runs.load import load_for_inference, run_serialization
@@ -156,8 +159,9 @@ def assert_saved_blend_reproduces_the_run(run_dir: Path) -> None:
     blend = SavedBlend(str(run_dir))
     assert blend.weight == metrics["blend_weight"]
     texts = saved["text"].tolist()
-    blended = blend.apply(texts, predict_probabilities(model, tokenizer, texts,
-                                                       cfg.data.max_length))
+    blended = blend.apply(texts, predict_probabilities(
+        model, tokenizer, texts, cfg.data.max_length, cfg.training.per_device_eval_batch_size,
+        precision=run_precision(run_dir)))
     truth = [label_map.label2id[label] for label in saved["label"]]
     scored = classification_metrics(blended.argmax(1), truth)
     assert scored["f1_macro"] == pytest.approx(metrics["eval_blend_f1_macro"])
@@ -165,7 +169,9 @@ def assert_saved_blend_reproduces_the_run(run_dir: Path) -> None:
     rows = pd.read_parquet(SAMPLE).head(30)
     rows.to_parquet(run_dir.parent / "rows.parquet", index=False)
     texts = serialize_batch(rows.to_dict(orient="list"), run_serialization(str(run_dir), cfg))
-    alone = predict_probabilities(model, tokenizer, texts, cfg.data.max_length)
+    # predict's rule: the run's setting on predict's device (no DeepSpeed there)
+    alone = predict_probabilities(model, tokenizer, texts, cfg.data.max_length,
+                                  precision=resolve(cfg.training.mixed_precision, "cpu"))
     for use_blend, expected in ((True, blend.apply(texts, alone)), (False, alone)):
         out = run_dir.parent / f"predicted-{use_blend}.parquet"
         request = OmegaConf.merge(OmegaConf.structured(PredictConfig), {
@@ -176,6 +182,28 @@ def assert_saved_blend_reproduces_the_run(run_dir: Path) -> None:
         assert ("blended with the run's TF-IDF" in format_summary(summary)) == use_blend
         np.testing.assert_allclose(pd.read_parquet(out)["pred_score"], expected.max(1),
                                    atol=1e-6)
+
+
+def tiny_trainer(tmp_path, overrides: Sequence[str] = (), rows: int = 16):
+    """lorasweep's Trainer (the real config, TrainingArguments and Trainer builders) around a
+    random one-layer BERT, in this process, with the same `rows` rows of varied length (row i
+    has i % 7 extra words) as train and validation split: 2 steps of 4 rows."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from lorasweep.training.trainer import build_trainer, build_training_arguments
+
+    cfg = compose_cfg([*SMOKE, "training.max_steps=2", "training.per_device_train_batch_size=4",
+                       *overrides], output_dir=str(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_name_or_path)
+    encoded = tokenizer([f"row {i} " + "word " * (i % 7) for i in range(rows)])
+    split = datasets.Dataset.from_dict({**encoded, "labels": [i % 3 for i in range(rows)]})
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=3))
+    args = build_training_arguments(cfg.training, str(tmp_path), 0, None)
+    return build_trainer(model, args, {"train": split, "validation": split}, tokenizer, None, [])
 
 
 def save_tokenized_dataset_dict(path, tokenizer, rows=300, max_token=None):

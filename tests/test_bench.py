@@ -61,3 +61,13 @@ def test_sweep_bench_prints_the_storage_overheads():
         assert float(line.split()[1]) > 0, line  # ms per trial, measured
     writers = out[out.index("concurrent writers"):]
     assert "20 trials, 0 kinds of error" in writers, out  # 4 writers x 5 trials, none lost
+
+
+def test_speed_bench_prints_training_and_evaluation_ratios():
+    out = run_bench("eval_speed.py").stdout
+    table = out[out.index("lorasweep speed bench"):]
+    for needle in ("(a) training auto / fp32", "variable-length", "uniform", "fp32",
+                   "(c) eval now (sorted, auto) / before (order, fp32)"):
+        assert needle in table, out
+    rows = [line for line in table.splitlines() if line.startswith("  (")]
+    assert len(rows) == 7 and all(float(line[88:96]) > 0 for line in rows), table

@@ -15,6 +15,7 @@ from helpers import (
     save_tokenized_dataset_dict,
 )
 from lorasweep import outputs
+from lorasweep.model.precision import resolve
 
 METRIC_KEYS = ["eval_accuracy", "eval_f1_macro", "eval_f1_weighted", "eval_precision_macro",
                "eval_recall_macro", "test_accuracy", "test_f1_macro", "train_loss"]
@@ -41,6 +42,11 @@ def test_smoke_run_writes_outputs_and_the_adapter_reloads(model, run_dir, cache_
     assert label_map["num_labels"] == 26 and label_map["id2label"]["0"] == "14100"
     meta = json.loads((run_dir / "model_metadata.json").read_text())
     assert meta["global_step"] == 6 and meta["model_class"] == "PeftModelForSequenceClassification"
+    # training.mixed_precision=auto (the default): what it resolved to here, and why, recorded
+    expected = resolve("auto", "cpu")
+    assert (meta["mixed_precision"], meta["precision"]) == ("auto", expected.name)
+    assert meta["precision_reason"] == expected.reason
+    assert meta["trainer_mixed_precision"] == ("bf16" if expected.name == "bf16" else "no")
     assert_reload_reproduces_predictions(run_dir)
 
 

@@ -1,18 +1,22 @@
 """The Trainer lorasweep builds: the run ends with its best epoch, the head learns at its own rate,
-and resume finds the newest complete checkpoint."""
+resume finds the newest complete checkpoint, and evaluation runs sorted by length with per-row
+outputs in dataset order."""
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
-from helpers import SAMPLE, SMOKE, assert_reload_reproduces_predictions, run_train
+from helpers import SAMPLE, SMOKE, assert_reload_reproduces_predictions, run_train, tiny_trainer
 from lorasweep.training.trainer import (
     OrderedEvalTrainer,
     checkpoint_step,
+    evaluate_split,
     find_resume_checkpoint,
+    length_order,
 )
 
 
@@ -48,6 +52,33 @@ def test_the_run_ends_with_its_best_epoch_not_its_last(tmp_path, run_dir, cache_
     assert metrics["best_epoch"] == best
     assert metrics["eval_loss"] == pytest.approx(losses[best], rel=1e-5)
     assert_reload_reproduces_predictions(run_dir)
+
+
+@pytest.mark.parametrize("sampling", ["group_by_length", "random"])
+def test_per_row_probabilities_pair_with_their_rows(tmp_path, sampling):
+    """Evaluation runs sorted by length (and the Trainer's own eval sampler would length-group
+    it under group_by_length); the probabilities come back in dataset order: row i's equal the
+    model's output for row i alone."""
+    import torch
+
+    trainer = tiny_trainer(tmp_path, [f"training.train_sampling_strategy={sampling}",
+                                      "training.mixed_precision=no",
+                                      "training.per_device_eval_batch_size=5"], rows=23)
+    split = trainer.train_dataset
+    order = length_order(split)
+    assert list(order) != list(range(len(split)))  # the rows are not already sorted
+    assert [len(split[int(i)]["input_ids"]) for i in order] == sorted(
+        len(ids) for ids in split["input_ids"])
+    metrics, probabilities = evaluate_split(trainer, split, "test")
+    model = trainer.model.eval()
+    with torch.no_grad():
+        alone = [torch.softmax(model(input_ids=torch.tensor([row["input_ids"]])).logits, -1)[0]
+                 for row in split]
+    np.testing.assert_allclose(probabilities, torch.stack(alone).numpy(), atol=1e-5)
+    assert metrics["test_accuracy"] == pytest.approx(
+        (probabilities.argmax(-1) == np.asarray(split["labels"])).mean())
+    assert len(trainer.eval_dataset) == len(split)  # the per-epoch evaluation: sorted rows
+    assert trainer.eval_dataset["input_ids"] == [split[int(i)]["input_ids"] for i in order]
 
 
 def test_the_head_and_pooler_learn_at_their_own_rate(tmp_path):

@@ -66,6 +66,11 @@ class ModelConfig:
     # the train split and start the head from it (the head then does not learn from scratch
     # while the encoder drifts); random: the head as from_pretrained initialises it.
     head_init: str = "probe"
+    # What the head reads. auto: the mean of the tokens for a sentence-transformers checkpoint
+    # (its modules.json / 1_Pooling/config.json say so; mean or cls), else the model's own head
+    # (BERT: its pooler; decoder models: the last non-pad token). mean / cls: the tokens' mean /
+    # the first token's hidden state in place of the pooler; pooler: the model's own head.
+    pooling: str = "auto"
 
 
 @dataclass
@@ -108,7 +113,10 @@ class TrainingSettings:
     lr_scheduler_type: str = "linear"
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
-    mixed_precision: str = "no"
+    # auto: bf16 autocast where the hardware computes bf16 natively (a CUDA device with bf16, a
+    # CPU with AVX512-BF16 / AMX), fp32 elsewhere; no: fp32. Weights and optimizer stay fp32.
+    # The warm start, evaluation and predict follow the same rule (lorasweep.model.precision).
+    mixed_precision: str = "auto"
     logging_steps: int = 20
     eval_strategy: str = "epoch"
     eval_steps: int | None = None
@@ -275,11 +283,12 @@ def run_metric_names(hierarchy_prefixes: Sequence[int]) -> list[str]:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.head_init": ("probe", "random"),
+    "model.pooling": ("auto", "pooler", "cls", "mean"),
     "baseline": ("tfidf", "none"),
     "log_level": ("debug", "info", "warning"),
     "lora.bias": ("none", "all", "lora_only"),
     "lora.task_type": ("SEQ_CLS",),
-    "training.mixed_precision": ("no", "bf16", "fp16"),
+    "training.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "training.eval_strategy": ("no", "steps", "epoch"),
     "training.save_strategy": ("no", "steps", "epoch", "best"),
     "training.train_sampling_strategy": ("random", "sequential", "group_by_length"),

@@ -23,7 +23,7 @@ from omegaconf import MISSING, DictConfig
 from lorasweep import outputs
 from lorasweep.cli.harness import exit_2_on_user_error, run_cli
 from lorasweep.config import CONF_DIR, EXECUTION_WHITELIST
-from lorasweep.errors import ConfigError
+from lorasweep.errors import ConfigError, UserError
 from lorasweep.runs import load as runs
 
 SERIALIZATION_FILE = "lorasweep_serialization.json"
@@ -54,12 +54,27 @@ def merged_model(model):
     return model
 
 
+def check_plain_pooling(model, run_dir: str) -> None:
+    """A head that reads the mean (or first token) of the tokens instead of the model's pooler
+    is not what a transformers *ForSequenceClassification class computes: an export would load
+    and predict differently. Refused, before anything is written."""
+    from lorasweep.model.pooling import model_pooling
+
+    pooling = model_pooling(model)
+    if pooling != "pooler":
+        raise UserError(f"run_dir={run_dir}: the run's head reads the {pooling} pooling of the "
+                        "tokens (model.pooling), which a plain transformers model cannot "
+                        "express; predict with lorasweep-predict on the run dir, or train with "
+                        "model.pooling=pooler to export")
+
+
 def export_run(cfg) -> dict[str, Any]:
     """Write the merged model, tokenizer and serializer settings to `cfg.output`; a summary."""
     run_dir, output = cfg.run_dir, cfg.output
     check_output_dir(output)
     runs.check_run_dir(run_dir)
     model, tokenizer, label_map, cfg = runs.load_for_inference(run_dir)
+    check_plain_pooling(model, run_dir)
     model = merged_model(model)
     model.config.id2label = label_map.id2label
     model.config.label2id = label_map.label2id

@@ -69,6 +69,7 @@ def predict_file(cfg) -> dict[str, Any]:
     # After the checks above: these import torch, transformers and scikit-learn.
     from lorasweep.data.tables import read_table, write_table
     from lorasweep.evaluation.blend import SavedBlend
+    from lorasweep.model.precision import resolve
     from lorasweep.runs.inference import check_input_columns, label_metrics, predict_table
 
     table = read_table(cfg.input, "input")
@@ -79,14 +80,19 @@ def predict_file(cfg) -> dict[str, Any]:
     if cfg.max_length is not None:
         check_max_length(cfg.max_length, run_cfg.model, "max_length")
     model, tokenizer, label_map, run_cfg = runs.load_for_inference(cfg.run_dir)
-    model.to(pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    model.to(device)
+    # The run's training.mixed_precision rule on this device: bf16 where the run computed in bf16
+    # and this hardware has it too.
+    precision = resolve(run_cfg.training.mixed_precision, device.type)
     max_length = cfg.max_length or run_cfg.data.max_length
     blend = SavedBlend(cfg.run_dir) if cfg.blend and SavedBlend.exists(cfg.run_dir) else None
     frame = predict_table(model, tokenizer, label_map.labels, settings, table, max_length,
-                          cfg.batch_size, cfg.top_k, cfg.progress, blend)
+                          cfg.batch_size, cfg.top_k, cfg.progress, blend, precision)
     write_table(frame, cfg.output)
     return {"rows": len(frame), "output": os.path.abspath(cfg.output),
             "blend_weight": blend.weight if blend is not None else None,
+            "precision": precision.name,
             "metrics": label_metrics(frame, run_cfg.data.label_column, label_map.labels),
             "label_column": run_cfg.data.label_column}
 

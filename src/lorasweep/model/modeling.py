@@ -16,6 +16,7 @@ from lorasweep.config import CHOICES, HEAD_NAMES
 from lorasweep.console import quiet_loading
 from lorasweep.data.labels import LabelMap
 from lorasweep.errors import ConfigError, one_line
+from lorasweep.model.pooling import apply_pooling, resolve_pooling
 from lorasweep.outputs import atomic_path
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def build_model(model_cfg, label_map: LabelMap, tokenizer, base_path: str):
         raise ConfigError(f"model.name_or_path={base_path!r}: cannot load "
                           f"({one_line(exc)[:200]})") from None
     report_new_weights(info, len(label_map.labels))
+    apply_pooling(model, *resolve_pooling(model_cfg.pooling, base_path))
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -21,11 +21,13 @@ import time
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lorasweep import distributed
 from lorasweep.config import HEAD_NAMES
 from lorasweep.evaluation.baseline import LBFGS_MAX_ITER, fit_capped
 from lorasweep.evaluation.metrics import scored_metrics
+from lorasweep.model.precision import Precision, autocast
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,11 @@ def full_parameters(model):
 
 @torch.no_grad()
 def head_inputs(model, head: nn.Linear, dataset, collator, batch_size: int,
-                pad_token_id: int | None) -> np.ndarray:
-    """One row per dataset row: the vector the head multiplies, in dataset order."""
+                pad_token_id: int | None, precision: Precision | None = None,
+                progress: str | None = None) -> np.ndarray:
+    """One row per dataset row: the vector the head multiplies, in dataset order, computed in
+    `precision` (None: fp32). `progress`: a bar with that name and rows/s, on rank 0 and on a
+    terminal only; None: no bar."""
     captured = []
     hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     columns = [c for c in dataset.column_names if c != "labels"]
@@ -71,6 +76,8 @@ def head_inputs(model, head: nn.Linear, dataset, collator, batch_size: int,
     ordered = dataset.select_columns(columns).select(order)
     device = next(model.parameters()).device
     rows = []
+    bar = tqdm(total=len(ordered), desc=progress, unit="rows", leave=False,
+               disable=True if progress is None or not distributed.is_rank_zero() else None)
     try:
         for start in range(0, len(ordered), batch_size):
             chunk = ordered[start:start + batch_size]  # column -> list, one Arrow read a batch
@@ -78,10 +85,13 @@ def head_inputs(model, head: nn.Linear, dataset, collator, batch_size: int,
                               for values in zip(*chunk.values(), strict=True)])
             batch = {k: v.to(device) for k, v in batch.items()}
             captured.clear()
-            model(**batch)
+            with autocast(precision, device):
+                model(**batch)
             rows.append(_pooled(captured[-1], batch["input_ids"], pad_token_id).float().cpu())
+            bar.update(len(batch["input_ids"]))
     finally:
         hook.remove()
+        bar.close()
     features = torch.cat(rows).numpy()
     unsorted = np.empty_like(features)
     unsorted[order] = features
@@ -152,11 +162,14 @@ def probe_scores(features: np.ndarray, labels, weight, bias, prefix: str) -> dic
 
 
 def warm_start_head(model, tokenized, collator, num_labels: int, pad_token_id: int | None,
-                    class_weights: np.ndarray | None, batch_size: int) -> dict[str, float]:
+                    class_weights: np.ndarray | None, batch_size: int,
+                    precision: Precision | None = None, progress: bool = True
+                    ) -> dict[str, float]:
     """Fit the probe on the train split and copy it into the head; return the probe's scores
     (`eval_probe_*`, `test_probe_*`) and its cost. Call on every rank, before LoRA wraps the
     model (PEFT's modules_to_save copies the head as it is then) and before the Trainer builds
-    its optimizer (DeepSpeed keeps its own copy of the weights from then on)."""
+    its optimizer (DeepSpeed keeps its own copy of the weights from then on). `precision`: the
+    run's (the probe sees what training and evaluation compute); `progress`: a bar per split."""
     started = time.perf_counter()
     head = head_layer(model, num_labels)
     was_training = model.training
@@ -164,7 +177,9 @@ def warm_start_head(model, tokenized, collator, num_labels: int, pad_token_id: i
     with full_parameters(model):
         _to_accelerator(model)
         features = {split: head_inputs(model, head, tokenized[split], collator, batch_size,
-                                       pad_token_id) for split in ("train", "validation", "test")}
+                                       pad_token_id, precision,
+                                       f"warm start: encode {split}" if progress else None)
+                    for split in ("train", "validation", "test")}
         encoded = time.perf_counter()
         labels = {split: np.asarray(tokenized[split]["labels"]) for split in features}
         weight, bias = fit_probe(features["train"], labels["train"], num_labels,
@@ -176,8 +191,10 @@ def warm_start_head(model, tokenized, collator, num_labels: int, pad_token_id: i
     scores = {**probe_scores(features["validation"], labels["validation"], weight, bias, "eval"),
               **probe_scores(features["test"], labels["test"], weight, bias, "test"),
               "probe_seconds": time.perf_counter() - started}
-    log.info("head warm start: linear probe on %d train rows (encode %.1f s, fit %.1f s), "
-             "eval macro-F1 %.4f, head %s", len(labels["train"]), encoded - started,
+    encoded_rows = sum(len(split_labels) for split_labels in labels.values())
+    log.info("head warm start: linear probe on %d train rows (encode %d rows in %.1f s, "
+             "%.0f rows/s; fit %.1f s), eval macro-F1 %.4f, head %s", len(labels["train"]),
+             encoded_rows, encoded - started, encoded_rows / max(encoded - started, 1e-9),
              time.perf_counter() - encoded, scores["eval_probe_f1_macro"],
              head_digest(weight, bias))
     return scores

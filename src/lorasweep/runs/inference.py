@@ -15,12 +15,15 @@ from lorasweep.data.labels import label_to_text
 from lorasweep.data.serialization import serialize_batch
 from lorasweep.errors import DataError
 from lorasweep.evaluation.metrics import classification_metrics
+from lorasweep.model.precision import Precision, autocast
 
 
 @torch.no_grad()
 def predict_probabilities(model, tokenizer, texts: Sequence[str], max_length: int,
-                          batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Class probabilities for `texts`, row i for text i.
+                          batch_size: int = 64, progress: bool = False,
+                          precision: Precision | None = None) -> np.ndarray:
+    """Class probabilities for `texts`, row i for text i, computed in `precision` (None: fp32;
+    predict passes the run's rule, `lorasweep.model.precision.resolve`).
 
     Texts are batched by token length (little padding, fast), then put back in input order.
     """
@@ -32,7 +35,8 @@ def predict_probabilities(model, tokenizer, texts: Sequence[str], max_length: in
     for start in tqdm(batches, desc="predict", disable=not progress):
         idx = order[start:start + batch_size]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
-        logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
+        with autocast(precision, device):
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
         rows = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         for row, probs in zip(idx, rows, strict=True):
             probabilities[row] = probs
@@ -65,14 +69,14 @@ def top_k_frame(probabilities, labels: list[str], top_k: int):
 
 def predict_table(model, tokenizer, labels: list[str], settings: dict[str, Any], table,
                   max_length: int, batch_size: int = 64, top_k: int = 3, progress: bool = False,
-                  blend=None):
+                  blend=None, precision: Precision | None = None):
     """The input rows (a `datasets.Dataset`) as a DataFrame, plus the prediction columns.
     `blend`: a `SavedBlend` to combine the model's probabilities with, or None."""
     import pandas as pd
 
     texts = serialize_batch(table.to_dict(), settings)
     probabilities = predict_probabilities(model, tokenizer, texts, max_length, batch_size,
-                                          progress=progress)
+                                          progress=progress, precision=precision)
     if blend is not None:
         probabilities = blend.apply(texts, probabilities)
     frame = table.to_pandas()

@@ -7,6 +7,7 @@ check its arguments (and the run dir) before paying for those imports.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -60,12 +61,19 @@ def load_model(run_dir: str, cfg: DictConfig, label_map, tokenizer):
     """Base model + the run's adapter (adapter/), or the fully fine-tuned model (model/)."""
     from transformers import AutoModelForSequenceClassification
 
+    from lorasweep.console import quiet_loading
     from lorasweep.model.modeling import base_model_path, build_model  # torch: on first use
+    from lorasweep.model.pooling import apply_pooling
 
     adapter_dir = os.path.join(run_dir, outputs.ADAPTER_DIR)
     if not os.path.isdir(adapter_dir):
-        return AutoModelForSequenceClassification.from_pretrained(
-            os.path.join(run_dir, outputs.FULL_MODEL_DIR))
+        # A token pooling (model.pooling=mean/cls) has no weights: the saved model lacks the
+        # pooler's, which is replaced again as in training.
+        pooling = run_pooling(run_dir)
+        with quiet_loading() if pooling != "pooler" else contextlib.nullcontext():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                os.path.join(run_dir, outputs.FULL_MODEL_DIR))
+        return apply_pooling(model, pooling, "as the run trained")
     from peft import PeftModel
 
     base_path = base_model_path(cfg.model, cfg.data.cache_dir, cfg.seed)
@@ -75,6 +83,14 @@ def load_model(run_dir: str, cfg: DictConfig, label_map, tokenizer):
         base_path = meta.get("base_model", base_path)
     base = build_model(cfg.model, label_map, tokenizer, base_path)
     return PeftModel.from_pretrained(base, adapter_dir)
+
+
+def run_pooling(run_dir: str) -> str:
+    """What the run's head read (model_metadata.json; runs before model.pooling: the pooler)."""
+    path = os.path.join(run_dir, outputs.MODEL_METADATA)
+    if not os.path.isfile(path):
+        return "pooler"
+    return outputs.read_json(run_dir, outputs.MODEL_METADATA).get("pooling", "pooler")
 
 
 def load_for_inference(run_dir: str):

@@ -39,6 +39,8 @@ from lorasweep.model.modeling import (
     count_parameters,
     load_tokenizer,
 )
+from lorasweep.model.pooling import model_pooling
+from lorasweep.model.precision import Precision, resolve
 from lorasweep.model.warmstart import warm_start_head
 from lorasweep.redaction import mask_overrides
 from lorasweep.tracking.study import is_pruned
@@ -169,6 +171,7 @@ class Recipe:
     tokenizer: Any
     data: PreparedData
     base_path: str
+    precision: Precision  # what training.mixed_precision resolved to here
     resume_from: str | None
     comparison: dict[str, float]  # the probe's scores (warm start); the baseline's join later
     rank_zero: bool
@@ -202,8 +205,11 @@ def set_up(cfg: DictConfig, tracker: Tracker, ds_config: dict | None) -> Recipe:
         total, largest = count_model_parameters(base_path, cfg.model.trust_remote_code)
         log.info("%s", estimate_model_state_memory(ds_config, total, largest,
                                                    distributed.world_size()))
+    precision = resolve(cfg.training.mixed_precision, deepspeed=ds_config is not None)
+    if rank_zero:
+        log.info("precision: %s (%s)", precision.name, precision.reason)
     args = build_training_arguments(cfg.training, cfg.output_dir, cfg.seed, ds_config,
-                                    cfg.objective.metric, cfg.tracking.secret_keys)
+                                    cfg.objective.metric, cfg.tracking.secret_keys, precision)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer)
     if rank_zero:
@@ -211,7 +217,7 @@ def set_up(cfg: DictConfig, tracker: Tracker, ds_config: dict | None) -> Recipe:
     model = build_model(cfg.model, data.label_map, tokenizer, base_path)
     loss_fn = build_loss(cfg.loss, data.tokenized["train"]["labels"], len(data.label_map.labels))
     resume_from = find_resume_checkpoint(cfg.resume, cfg.output_dir)
-    comparison = warm_start(cfg, model, data, tokenizer, loss_fn, resume_from)
+    comparison = warm_start(cfg, model, data, tokenizer, loss_fn, resume_from, precision)
     model = apply_lora(model, cfg.lora)
     pruning = pruning_callback(cfg.objective.metric, cfg.output_dir)
     trainer = build_trainer(model, args, data.tokenized, tokenizer, loss_fn,
@@ -219,8 +225,8 @@ def set_up(cfg: DictConfig, tracker: Tracker, ds_config: dict | None) -> Recipe:
                             cfg.training.early_stopping_patience,
                             cfg.training.head_learning_rate,
                             cfg.lora.modules_to_save if cfg.lora.enable else HEAD_NAMES)
-    return Recipe(trainer, tokenizer, data, base_path, resume_from, comparison, rank_zero,
-                  pruning=pruning)
+    return Recipe(trainer, tokenizer, data, base_path, precision, resume_from, comparison,
+                  rank_zero, pruning=pruning)
 
 
 def fit(cfg: DictConfig, recipe: Recipe) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -266,7 +272,8 @@ def finish(cfg: DictConfig, recipe: Recipe, tracker: Tracker, ds_config: dict | 
     save_blend(run_dir, recipe.tfidf, metrics.get("blend_weight"))
     outputs.write_json(run_dir, outputs.METRICS, metrics)
     outputs.write_json(run_dir, outputs.MODEL_METADATA,
-                       model_metadata(cfg, recipe.trainer, ds_config, recipe.base_path))
+                       model_metadata(cfg, recipe.trainer, ds_config, recipe.base_path,
+                                      recipe.precision))
     report_files = reports.write_reports(run_dir, probabilities["test"].argmax(axis=-1),
                                          np.asarray(data.tokenized["test"]["labels"]), labels)
     report_files += [reports.write_predictions(run_dir, split, data.raw[split], data.texts(split),
@@ -277,7 +284,7 @@ def finish(cfg: DictConfig, recipe: Recipe, tracker: Tracker, ds_config: dict | 
 
 
 def warm_start(cfg: DictConfig, model, data: PreparedData, tokenizer, loss_fn,
-               resume_from: str | None) -> dict[str, float]:
+               resume_from: str | None, precision: Precision | None = None) -> dict[str, float]:
     """`model.head_init=probe`: start the head from a linear probe of the frozen model; return
     the probe's scores. A resumed run takes its head from the checkpoint instead."""
     if cfg.model.head_init != "probe":
@@ -288,7 +295,8 @@ def warm_start(cfg: DictConfig, model, data: PreparedData, tokenizer, loss_fn,
     return warm_start_head(model, data.tokenized, DataCollatorWithPadding(tokenizer),
                            len(data.label_map.labels), tokenizer.pad_token_id,
                            loss_fn.weights.numpy() if loss_fn.weights is not None else None,
-                           cfg.training.per_device_eval_batch_size)
+                           cfg.training.per_device_eval_batch_size, precision,
+                           progress=not cfg.training.disable_tqdm)
 
 
 def baseline_metrics(data: PreparedData):
@@ -310,8 +318,10 @@ def write_data_files(cfg: DictConfig, data: PreparedData, run_dir: str) -> None:
     outputs.write_json(run_dir, outputs.DATASET_METADATA, data.metadata)
 
 
-def model_metadata(cfg: DictConfig, trainer, ds_config, base_path: str) -> dict[str, Any]:
-    """What actually trained: the engine class and ZeRO stage DeepSpeed reports, world size."""
+def model_metadata(cfg: DictConfig, trainer, ds_config, base_path: str,
+                   precision: Precision) -> dict[str, Any]:
+    """What actually trained: the engine class and ZeRO stage DeepSpeed reports, world size, the
+    precision it computed in (and why)."""
     wrapped = trainer.model_wrapped
     engine_stage = (wrapped.zero_optimization_stage()
                     if hasattr(wrapped, "zero_optimization_stage") else None)
@@ -328,6 +338,10 @@ def model_metadata(cfg: DictConfig, trainer, ds_config, base_path: str) -> dict[
         "parameters": count_parameters(trainer.model),
         "dtype": cfg.model.dtype,
         "mixed_precision": cfg.training.mixed_precision,
+        "pooling": model_pooling(trainer.model),
+        "precision": precision.name,
+        "precision_reason": precision.reason,
+        "trainer_mixed_precision": trainer.args.mixed_precision,
         "global_step": trainer.state.global_step,
         "lorasweep_version": __version__,
     }

@@ -20,6 +20,7 @@ from lorasweep import distributed, outputs
 from lorasweep.config import METRIC_NAMES
 from lorasweep.errors import ConfigError, one_line
 from lorasweep.evaluation.metrics import compute_metrics
+from lorasweep.model.precision import Precision, resolve
 from lorasweep.redaction import is_secret_key
 from lorasweep.training.callbacks import SignalCallback, SpeedMemoryCallback, use_readable_logs
 from lorasweep.training.deepspeed_config import clear_stale_build_locks
@@ -41,16 +42,22 @@ def best_model_metric(objective_metric: str) -> str:
 def build_training_arguments(train_cfg, run_dir: str, seed: int,
                              ds_config: dict[str, Any] | None,
                              objective_metric: str = "eval_f1_macro",
-                             secret_keys: Sequence[str] = ()) -> TrainingArguments:
+                             secret_keys: Sequence[str] = (),
+                             precision: Precision | None = None) -> TrainingArguments:
     """Build before `from_pretrained` (see `lorasweep.training.pipeline.set_up`).
-    `secret_keys`: further names of secret arguments (tracking.secret_keys), never pickled."""
+    `secret_keys`: further names of secret arguments (tracking.secret_keys), never pickled.
+    `precision`: what training.mixed_precision resolved to (None: resolve it here)."""
+    if precision is None:
+        precision = resolve(train_cfg.mixed_precision, deepspeed=ds_config is not None)
     kwargs = {k: v for k, v in dict(train_cfg).items() if k not in OWN_KEYS}
     if train_cfg.load_best_model_at_end:  # greater_is_better follows: False only for *loss
         kwargs["metric_for_best_model"] = best_model_metric(objective_metric)
     kwargs.update(
         output_dir=os.path.join(run_dir, outputs.CHECKPOINT_DIR),
-        bf16=train_cfg.mixed_precision == "bf16",
-        fp16=train_cfg.mixed_precision == "fp16",
+        # Autocast (accelerate's native AMP): weights and optimizer state stay fp32. Under
+        # DeepSpeed its bf16/fp16 sections ("auto") follow these two.
+        bf16=precision.name == "bf16",
+        fp16=precision.name == "fp16",
         seed=seed,
         report_to="none",  # lorasweep.tracking logs from rank 0; the Trainer's MLflowCallback
         # would open a run per rank
@@ -65,6 +72,8 @@ def build_training_arguments(train_cfg, run_dir: str, seed: int,
         kwargs["deepspeed"] = ds_config
         clear_stale_build_locks()  # DeepSpeed may JIT-build an op when it starts
     kwargs.update(distributed.prepare_backend(use_deepspeed=ds_config is not None))
+    if precision.name == "bf16" and not torch.cuda.is_available() and ds_config is None:
+        kwargs["use_cpu"] = True  # TrainingArguments takes bf16 without a GPU only so
     kwargs.update(dict(train_cfg.extra))
     try:
         args = PicklableWithoutSecrets(**kwargs)
@@ -146,6 +155,11 @@ class OrderedEvalTrainer(Trainer):
         return self.optimizer
 
 
+def length_order(dataset) -> np.ndarray:
+    """Row indices by token length (stable): evaluation batches of similar lengths pad little."""
+    return np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
+
+
 def build_trainer(model, args: TrainingArguments, tokenized, tokenizer, loss_fn,
                   callbacks: list, early_stopping_patience: int | None = None,
                   head_learning_rate: float | None = None,
@@ -155,7 +169,10 @@ def build_trainer(model, args: TrainingArguments, tokenized, tokenizer, loss_fn,
         callbacks = [*callbacks, EarlyStoppingCallback(early_stopping_patience)]
     trainer = OrderedEvalTrainer(
         model=model, args=args, train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"], data_collator=collator,
+        # Sorted by length (metrics do not depend on the order; `evaluate_split` puts per-row
+        # outputs back in dataset order).
+        eval_dataset=tokenized["validation"].select(length_order(tokenized["validation"])),
+        data_collator=collator,
         processing_class=tokenizer, compute_metrics=compute_metrics,
         compute_loss_func=loss_fn,
         callbacks=[SignalCallback(), SpeedMemoryCallback(), *callbacks],
@@ -214,10 +231,16 @@ def best_epoch(trainer: Trainer) -> float | None:
 
 
 def evaluate_split(trainer: Trainer, dataset, prefix: str) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics and class probabilities, one row per dataset row, in dataset order."""
-    result = trainer.predict(dataset, metric_key_prefix=prefix)
+    """Metrics and class probabilities, one row per dataset row, in dataset order.
+
+    The rows go through the model sorted by length (batches pad to their longest row: in dataset
+    order a batch of short rows pads to its one long row), and come back in dataset order."""
+    order = length_order(dataset)
+    result = trainer.predict(dataset.select(order), metric_key_prefix=prefix)
     logits = result.predictions[0] if isinstance(result.predictions, tuple) else result.predictions
-    return result.metrics, softmax(logits)
+    probabilities = np.empty((len(order), logits.shape[-1]), dtype=np.float64)
+    probabilities[order] = softmax(logits)
+    return result.metrics, probabilities
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
