@@ -2,7 +2,7 @@
 
 check config -> tracker -> DeepSpeed dict -> set_up (TrainingArguments, data, model, head warm
 start, LoRA, Trainer) -> fit (train, best epoch, evaluate, save, baseline, blend) -> finish (files,
-MLflow)
+MLflow: params, metrics, artifacts, the run as an MLflow model)
 """
 
 from __future__ import annotations
@@ -262,7 +262,10 @@ def finish(cfg: DictConfig, recipe: Recipe, tracker: Tracker, ds_config: dict | 
                                                probs, labels, cfg.data.label_column)
                      for split, probs in probabilities.items()]
     tracker.log_metrics(metrics)
-    log_artifacts(tracker, cfg, run_dir, report_files)
+    log_artifacts(tracker, run_dir, report_files)
+    if cfg.tracking.log_model:
+        tracker.log_model(run_dir, input_example(data), len(labels),
+                          cfg.tracking.registered_model_name)
 
 
 def warm_start(cfg: DictConfig, model, data: PreparedData, tokenizer, loss_fn,
@@ -322,17 +325,21 @@ def model_metadata(cfg: DictConfig, trainer, ds_config, base_path: str) -> dict[
     }
 
 
-def log_artifacts(tracker: Tracker, cfg: DictConfig, run_dir: str, report_files) -> None:
+def log_artifacts(tracker: Tracker, run_dir: str, report_files) -> None:
     for name in (outputs.RUN_CONFIG, outputs.LABEL_MAP, outputs.METRICS, outputs.MODEL_METADATA,
                  outputs.DATASET_METADATA):
         tracker.log_artifact(os.path.join(run_dir, name))
     tracker.log_artifact(os.path.join(run_dir, ".hydra"), artifact_path="hydra")
     for path in report_files:
         tracker.log_artifact(path, artifact_path="reports")
-    if cfg.tracking.log_model:
-        for name in (outputs.ADAPTER_DIR, outputs.FULL_MODEL_DIR, outputs.TOKENIZER_DIR,
-                     outputs.BLEND_DIR):
-            tracker.log_artifact(os.path.join(run_dir, name), artifact_path=name)
+
+
+def input_example(data: PreparedData, rows: int = 3):
+    """A few validation rows of the columns the run serializes: the MLflow model's input example
+    (and the source of its input signature)."""
+    split = data.raw["validation"]
+    columns = data.serialization["text_columns"]
+    return split.select(range(min(rows, len(split)))).select_columns(columns).to_pandas()
 
 
 def objective_value(metrics: dict[str, Any], metric: str) -> float:
