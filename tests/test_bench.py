@@ -52,3 +52,12 @@ def test_gpu_bench_runs_its_variants_on_cpu():
         assert float(rows[variant].split()[0]) > 0, out
     assert "skipped under --tiny" in rows[("zero2", "no")], out
     assert "DeepSpeedEngine" in table, out
+
+
+def test_serve_bench_prints_rows_per_second_for_the_endpoint_and_predict_py():
+    out = run_bench("serve.py").stdout
+    table = out[out.index("serve bench: tiny_bert"):]
+    for side in ("predict.py, model loaded", "predict.py CLI", "endpoint, one request",
+                 "endpoint, 100-row requests"):
+        line = next(x for x in table.splitlines() if x.strip().startswith(side))
+        assert float(line.split()[-3]) > 0, line  # rows/s, measured

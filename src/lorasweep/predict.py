@@ -23,7 +23,6 @@ from lorasweep.data.tables import WRITERS
 from lorasweep.errors import ConfigError
 from lorasweep.runs import load as runs
 
-
 ConfigStore.instance().store(name="base_predict", node=PredictConfig)
 
 
@@ -44,7 +43,12 @@ def predict_file(cfg) -> dict[str, Any]:
     validate_request(cfg)
     # After the checks above: these import torch, transformers and scikit-learn.
     from lorasweep.data.tables import read_table, write_table
-    from lorasweep.runs.inference import LoadedRun, check_input_columns, label_metrics, predict_table
+    from lorasweep.runs.inference import (
+        LoadedRun,
+        check_input_columns,
+        label_metrics,
+        predict_table,
+    )
 
     table = read_table(cfg.input, "input")
     # Check the columns and max_length before the (slow) model load.

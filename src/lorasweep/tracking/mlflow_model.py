@@ -15,6 +15,7 @@ local path the serving machine must also have).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -55,19 +56,18 @@ def pip_requirements() -> list[str]:
     the training-only ones."""
     from importlib.metadata import PackageNotFoundError, requires, version
 
-    from packaging.requirements import Requirement
-    from packaging.version import Version
-
     pinned = []
     for line in requires("lorasweep") or []:
-        requirement = Requirement(line)
-        if requirement.marker is not None or requirement.name in TRAINING_ONLY:
-            continue  # an extra (dev tools), or not needed to predict
+        if ";" in line:
+            continue  # an extra's (dev tools)
+        name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line).group(0)
+        if name in TRAINING_ONLY:
+            continue
         try:
             # The public version: torch 2.13.0, not 2.13.0+cpu (the serving machine's own build)
-            pinned.append(f"{requirement.name}=={Version(version(requirement.name)).public}")
+            pinned.append(f"{name}=={version(name).split('+')[0]}")
         except PackageNotFoundError:
-            pinned.append(str(requirement))
+            pinned.append(line)
     return pinned
 
 

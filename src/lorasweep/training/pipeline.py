@@ -135,6 +135,9 @@ def run_summary(metrics: dict[str, Any], cfg: DictConfig, tracker: Tracker) -> s
         lines.append(f"  MLflow run {tracker.run_id} in {uri}")
         if uri.startswith("sqlite:"):
             lines.append(f"  view it: mlflow ui --backend-store-uri {uri}")
+        if cfg.tracking.log_model:
+            lines.append(f"  serve it: MLFLOW_TRACKING_URI={uri} mlflow models serve -m "
+                         f"runs:/{tracker.run_id}/model --env-manager local --port 5000")
     return "\n".join(lines)
 
 
