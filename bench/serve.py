@@ -5,8 +5,8 @@
     python bench/serve.py --rows 2000 --request-rows 100
 
 One run is trained (a few steps: prediction speed does not depend on how well it learned) and
-logged to a temporary MLflow store; its model is served on loopback. Then, alternating, best of
---repeats:
+logged to a temporary MLflow store; its model is served on loopback. After one untimed call on
+each side, alternating, best of --repeats:
   predict.py, model loaded     LoadedRun.predict on the rows, in this process: predict.py's work
                                less reading, writing and the model load
   predict.py CLI               `python src/lorasweep/predict.py ...`: start, load, predict, write
@@ -114,6 +114,9 @@ def measure(args, run_dir: str, url: str, rows, work: str) -> dict[str, float]:
     cli = [sys.executable, str(ROOT / "src" / "lorasweep" / "predict.py"), f"run_dir={run_dir}",
            f"input={work}/rows.parquet", f"output={work}/preds.parquet", "progress=false"]
     step = args.request_rows
+    # Untimed first calls: lazy initialisation on both sides (kernels, the server's first request)
+    run.predict(rows.head(step).to_dict(orient="list"))
+    post_rows(url, rows.head(step))
     best: dict[str, float] = {}
     for _ in range(args.repeats):
         sides = {
