@@ -11,6 +11,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -267,8 +269,9 @@ def finish(cfg: DictConfig, recipe: Recipe, tracker: Tracker, ds_config: dict | 
     tracker.log_metrics(metrics)
     log_artifacts(tracker, run_dir, report_files)
     if cfg.tracking.log_model:
-        tracker.log_model(run_dir, input_example(data), len(labels),
-                          cfg.tracking.registered_model_name)
+        with models_load_whole(recipe.trainer):
+            tracker.log_model(run_dir, input_example(data), len(labels),
+                              cfg.tracking.registered_model_name)
 
 
 def warm_start(cfg: DictConfig, model, data: PreparedData, tokenizer, loss_fn,
@@ -335,6 +338,26 @@ def log_artifacts(tracker: Tracker, run_dir: str, report_files) -> None:
     tracker.log_artifact(os.path.join(run_dir, ".hydra"), artifact_path="hydra")
     for path in report_files:
         tracker.log_artifact(path, artifact_path="reports")
+
+
+@contextmanager
+def models_load_whole(trainer) -> Iterator[None]:
+    """While ZeRO-3 is configured, transformers partitions every model loaded in the process
+    across the ranks, a collective. MLflow loads the logged model on rank 0 alone (to check its
+    input example) while the other ranks wait at the barrier after `finish`: a 2-rank ZeRO-3 run
+    hung there. ZeRO-3 loading is off for that load, and on again after."""
+    from transformers.integrations.deepspeed import (
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    config = getattr(trainer.args, "hf_deepspeed_config", None)
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            set_hf_deepspeed_config(config)
 
 
 def input_example(data: PreparedData, rows: int = 3):
