@@ -75,7 +75,10 @@ def start_server(uri: str, run_id: str, work: str) -> tuple[subprocess.Popen, st
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
                              f"runs:/{run_id}/model", "--env-manager", "local",
                              "--host", "127.0.0.1", "--port", str(port)],
-                            env={**env(), "MLFLOW_TRACKING_URI": uri}, cwd=work,
+                            # One request of every row outlasts the server's default 60 s
+                            # on a busy CPU (a 504): the limit raised for the bench
+                            env={**env(), "MLFLOW_TRACKING_URI": uri,
+                                 "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "600"}, cwd=work,
                             stdout=open(f"{work}/serve.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     while True:
