@@ -71,3 +71,12 @@ def test_speed_bench_prints_training_and_evaluation_ratios():
         assert needle in table, out
     rows = [line for line in table.splitlines() if line.startswith("  (")]
     assert len(rows) == 7 and all(float(line[88:96]) > 0 for line in rows), table
+
+
+def test_serve_bench_prints_rows_per_second_for_the_endpoint_and_predict_py():
+    out = run_bench("serve.py").stdout
+    table = out[out.index("serve bench: tiny_bert"):]
+    for side in ("predict.py, model loaded", "predict.py CLI", "endpoint, one request",
+                 "endpoint, 100-row requests"):
+        line = next(x for x in table.splitlines() if x.strip().startswith(side))
+        assert float(line.split()[-3]) > 0, line  # rows/s, measured

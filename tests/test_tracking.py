@@ -9,6 +9,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -73,7 +74,11 @@ def test_one_process_run_is_logged_once_and_finished(mlflow_server, tmp_path):
     assert run.data.tags["world_size"] == "1" and run.data.tags["git_commit"]
     names = artifact_names(client, run.info.run_id)
     assert {"metrics.json", "label_map.json", "config.yaml", "dataset_metadata.json",
-            "model_metadata.json", "adapter", "reports", "hydra"} <= names
+            "model_metadata.json", "reports", "hydra"} <= names
+    # The adapter is in the run's MLflow model (tests/test_serving.py), not logged twice.
+    assert not names & {"adapter", "tokenizer", "blend"}
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert model.source_run_id == run.info.run_id and model.name == "model"
     assert "confusion_matrix_test.png" in artifact_names(client, run.info.run_id, "reports")
 
 
@@ -149,8 +154,12 @@ def test_a_secret_is_nowhere_in_the_run_dir_or_mlflow(mlflow_server, tmp_path, r
     assert run.data.params["training.extra.hub_token"] == (MASK if given == "inline" else value)
     downloaded = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "mlflow")))
     assert (downloaded / "hydra" / "hydra.yaml").is_file()
-    assert (downloaded / "adapter" / "training_args.bin").is_file()
     assert files_holding(downloaded, secret.encode()) == []
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)  # what runs:/ resolves against
+    model = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model",
+                                                     dst_path=str(tmp_path / "model")))
+    assert (model / "MLmodel").is_file() and list(model.rglob("adapter_model.safetensors"))
+    assert files_holding(model, secret.encode()) == []
     if given == "env":  # the config keeps the interpolation; reloading needs no secret
         assert "${oc.env:LS_TEST_HUB_TOKEN}" in (run_dir / "config.yaml").read_text()
         monkeypatch.delenv("LS_TEST_HUB_TOKEN")

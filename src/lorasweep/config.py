@@ -184,7 +184,12 @@ class TrackingSettings:
     experiment_name: str = "lorasweep"
     run_name: str | None = None
     required: bool = False
+    # At the end of a run, log it as an MLflow model (artifact `model`): a pyfunc that predicts
+    # what predict.py predicts, servable with `mlflow models serve`. false: no model, no weights.
     log_model: bool = True
+    # With log_model: register the model under this name in the MLflow model registry (each run
+    # adds a version). None: logged with the run, not registered.
+    registered_model_name: str | None = None
     # More key names to mask wherever a config leaves the process (params, tags, config.yaml,
     # .hydra/, training_args.bin), matched as whole words: [pin] masks data.db_pin, not .spinner.
     # Always masked: *_token, token, password, passwd, secret, credential(s), api_key, access_key,
@@ -235,6 +240,22 @@ class TrainConfig:
     # debug: lorasweep's debug lines and all the library output it otherwise keeps quiet
     log_level: str = "info"
     log_all_ranks: bool = False  # ranks other than 0 log warnings and errors only, unless true
+
+
+@dataclass
+class PredictConfig:
+    """predict.py's settings (conf/predict.yaml). top_k and batch_size are also what the run's
+    MLflow model predicts with."""
+
+    run_dir: str = MISSING
+    input: str = MISSING
+    output: str = MISSING
+    top_k: int = 3  # top1_label/top1_score ... topK_label/topK_score columns
+    batch_size: int = 64  # rows per forward pass (batched by token length, output in input order)
+    max_length: int | None = None  # None: the run's data.max_length
+    device: str = "auto"  # auto: cuda when available; or cpu, cuda
+    progress: bool = True
+    blend: bool = True  # the run's blend with its TF-IDF baseline, when it saved one
 
 
 GROUP_SCHEMAS = {

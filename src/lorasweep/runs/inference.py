@@ -1,10 +1,13 @@
 """Prediction with a finished run: class probabilities for texts, batched in length-sorted order
-and returned in the input's order, and a table's rows with their predicted labels and scores.
+and returned in the input's order; rows (a table, or a request's columns) with their predicted
+labels and scores. predict.py and the run's MLflow model (lorasweep.runs.served) both predict
+through `LoadedRun`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,9 +16,11 @@ from tqdm.auto import tqdm
 
 from lorasweep.data.labels import label_to_text
 from lorasweep.data.serialization import serialize_batch
-from lorasweep.errors import DataError
+from lorasweep.errors import ConfigError, DataError
+from lorasweep.evaluation.blend import SavedBlend
 from lorasweep.evaluation.metrics import classification_metrics
-from lorasweep.model.precision import Precision, autocast
+from lorasweep.model.precision import Precision, autocast, resolve
+from lorasweep.runs import load as runs
 
 
 @torch.no_grad()
@@ -43,12 +48,21 @@ def predict_probabilities(model, tokenizer, texts: Sequence[str], max_length: in
     return np.stack(probabilities) if probabilities else np.zeros((0, 0))
 
 
-def check_input_columns(columns: list[str], settings: dict[str, Any], path: str) -> None:
-    """The input table has every column the run serialized in training."""
+def check_input_columns(columns: Sequence[str], settings: dict[str, Any], source: str) -> None:
+    """The input has every column the run serialized in training. `source` starts the message
+    (`input=rows.csv`, `request`)."""
     missing = [c for c in settings["text_columns"] if c not in columns]
     if missing:
-        raise DataError(f"input={path}: missing column(s) used in training: {', '.join(missing)} "
-                        f"(columns: {', '.join(columns)})")
+        raise DataError(f"{source}: missing column(s) used in training: {', '.join(missing)} "
+                        f"(columns: {', '.join(map(str, columns))})")
+
+
+def pick_device(name: str):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda: no CUDA device available")
+    return torch.device(name)
 
 
 def top_k_frame(probabilities, labels: list[str], top_k: int):
@@ -67,20 +81,57 @@ def top_k_frame(probabilities, labels: list[str], top_k: int):
     return pd.DataFrame(columns)
 
 
-def predict_table(model, tokenizer, labels: list[str], settings: dict[str, Any], table,
-                  max_length: int, batch_size: int = 64, top_k: int = 3, progress: bool = False,
-                  blend=None, precision: Precision | None = None):
-    """The input rows (a `datasets.Dataset`) as a DataFrame, plus the prediction columns.
-    `blend`: a `SavedBlend` to combine the model's probabilities with, or None."""
+@dataclass
+class LoadedRun:
+    """A finished run ready to predict: its model (on a device, eval mode), tokenizer, labels,
+    serializer settings, max_length, blend (None: the model alone) and the precision it computes
+    in (the run's training.mixed_precision rule on this device)."""
+
+    model: Any
+    tokenizer: Any
+    labels: list[str]
+    settings: dict[str, Any]
+    max_length: int
+    blend: SavedBlend | None
+    label_column: str
+    precision: Precision
+
+    @classmethod
+    def load(cls, run_dir: str, device: str = "auto", max_length: int | None = None,
+             blend: bool = True) -> LoadedRun:
+        """`max_length` None: the run's data.max_length; `blend` False: the model alone even
+        when the run saved a blend."""
+        model, tokenizer, label_map, cfg = runs.load_for_inference(run_dir)
+        target = pick_device(device)
+        model.to(target)
+        saved = SavedBlend(run_dir) if blend and SavedBlend.exists(run_dir) else None
+        # bf16 where the run computed in bf16 and this hardware has it too
+        precision = resolve(cfg.training.mixed_precision, target.type)
+        return cls(model, tokenizer, label_map.labels, runs.run_serialization(run_dir, cfg),
+                   max_length or cfg.data.max_length, saved, cfg.data.label_column, precision)
+
+    def predict(self, rows: dict[str, list], batch_size: int = 64, top_k: int = 3,
+                progress: bool = False):
+        """The prediction columns (`top_k_frame`) for `rows` (column name -> values), one row
+        per input row, in input order; no rows give an empty frame with those columns."""
+        texts = serialize_batch(rows, self.settings)
+        if not texts:
+            return top_k_frame(np.zeros((0, len(self.labels))), self.labels, top_k)
+        probabilities = predict_probabilities(self.model, self.tokenizer, texts, self.max_length,
+                                              batch_size, progress=progress,
+                                              precision=self.precision)
+        if self.blend is not None:
+            probabilities = self.blend.apply(texts, probabilities)
+        return top_k_frame(probabilities, self.labels, top_k)
+
+
+def predict_table(run: LoadedRun, table, batch_size: int = 64, top_k: int = 3,
+                  progress: bool = False):
+    """The input rows (a `datasets.Dataset`) as a DataFrame, plus the prediction columns."""
     import pandas as pd
 
-    texts = serialize_batch(table.to_dict(), settings)
-    probabilities = predict_probabilities(model, tokenizer, texts, max_length, batch_size,
-                                          progress=progress, precision=precision)
-    if blend is not None:
-        probabilities = blend.apply(texts, probabilities)
+    predictions = run.predict(table.to_dict(), batch_size, top_k, progress)
     frame = table.to_pandas()
-    predictions = top_k_frame(probabilities, labels, top_k)
     # Prediction columns replace same-named input columns (e.g. re-scoring a predictions file).
     frame = frame.drop(columns=[c for c in predictions.columns if c in frame.columns])
     return pd.concat([frame.reset_index(drop=True), predictions], axis=1)

@@ -39,6 +39,8 @@ class Tracker:
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
+    def log_model(self, run_dir: str, example, num_labels: int,
+                  registered_model_name: str | None = None) -> None: ...
     def end(self, status: str) -> None: ...
 
 
@@ -80,6 +82,15 @@ class MlflowTracker(Tracker):
             self.mlflow.log_artifacts(path, artifact_path=artifact_path)
         elif os.path.isfile(path):
             self.mlflow.log_artifact(path, artifact_path=artifact_path)
+
+    def log_model(self, run_dir, example, num_labels, registered_model_name=None):
+        """The run as an MLflow model (lorasweep.tracking.mlflow_model)."""
+        from lorasweep.tracking.mlflow_model import log_run_model
+
+        info = log_run_model(self.mlflow, run_dir, example, num_labels, registered_model_name)
+        log.info("MLflow model %s%s", info.model_uri,
+                 f", registered as {registered_model_name!r} version "
+                 f"{info.registered_model_version}" if registered_model_name else "")
 
     def end(self, status):
         try:

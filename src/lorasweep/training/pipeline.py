@@ -2,7 +2,7 @@
 
 check config -> tracker -> DeepSpeed dict -> set_up (TrainingArguments, data, model, head warm
 start, LoRA, Trainer) -> fit (train, best epoch, evaluate, save, baseline, blend) -> finish (files,
-MLflow)
+MLflow: params, metrics, artifacts, the run as an MLflow model)
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,6 +145,9 @@ def run_summary(metrics: dict[str, Any], cfg: DictConfig, tracker: Tracker) -> s
         lines.append(f"  MLflow run {tracker.run_id} in {uri}")
         if uri.startswith("sqlite:"):
             lines.append(f"  view it: mlflow ui --backend-store-uri {uri}")
+        if cfg.tracking.log_model:
+            lines.append(f"  serve it: MLFLOW_TRACKING_URI={uri} mlflow models serve -m "
+                         f"runs:/{tracker.run_id}/model --env-manager local --port 5000")
     return "\n".join(lines)
 
 
@@ -280,7 +285,11 @@ def finish(cfg: DictConfig, recipe: Recipe, tracker: Tracker, ds_config: dict | 
                                                probs, labels, cfg.data.label_column)
                      for split, probs in probabilities.items()]
     tracker.log_metrics(metrics)
-    log_artifacts(tracker, cfg, run_dir, report_files)
+    log_artifacts(tracker, run_dir, report_files)
+    if cfg.tracking.log_model:
+        with models_load_whole(recipe.trainer):
+            tracker.log_model(run_dir, input_example(data), len(labels),
+                              cfg.tracking.registered_model_name)
 
 
 def warm_start(cfg: DictConfig, model, data: PreparedData, tokenizer, loss_fn,
@@ -347,17 +356,41 @@ def model_metadata(cfg: DictConfig, trainer, ds_config, base_path: str,
     }
 
 
-def log_artifacts(tracker: Tracker, cfg: DictConfig, run_dir: str, report_files) -> None:
+def log_artifacts(tracker: Tracker, run_dir: str, report_files) -> None:
     for name in (outputs.RUN_CONFIG, outputs.LABEL_MAP, outputs.METRICS, outputs.MODEL_METADATA,
                  outputs.DATASET_METADATA):
         tracker.log_artifact(os.path.join(run_dir, name))
     tracker.log_artifact(os.path.join(run_dir, ".hydra"), artifact_path="hydra")
     for path in report_files:
         tracker.log_artifact(path, artifact_path="reports")
-    if cfg.tracking.log_model:
-        for name in (outputs.ADAPTER_DIR, outputs.FULL_MODEL_DIR, outputs.TOKENIZER_DIR,
-                     outputs.BLEND_DIR):
-            tracker.log_artifact(os.path.join(run_dir, name), artifact_path=name)
+
+
+@contextmanager
+def models_load_whole(trainer) -> Iterator[None]:
+    """While ZeRO-3 is configured, transformers partitions every model loaded in the process
+    across the ranks, a collective. MLflow loads the logged model on rank 0 alone (to check its
+    input example) while the other ranks wait at the barrier after `finish`: a 2-rank ZeRO-3 run
+    hung there. ZeRO-3 loading is off for that load, and on again after."""
+    from transformers.integrations.deepspeed import (
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    config = getattr(trainer.args, "hf_deepspeed_config", None)
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            set_hf_deepspeed_config(config)
+
+
+def input_example(data: PreparedData, rows: int = 3):
+    """A few validation rows of the columns the run serializes: the MLflow model's input example
+    (and the source of its input signature)."""
+    split = data.raw["validation"]
+    columns = data.serialization["text_columns"]
+    return split.select(range(min(rows, len(split)))).select_columns(columns).to_pandas()
 
 
 def objective_value(metrics: dict[str, Any], metric: str) -> float:
