@@ -8,6 +8,7 @@ export's code is predict's, tested from the clone in tests/test_predict_export.p
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -47,10 +48,26 @@ def run(cmd, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     return proc
 
 
+def tracked_copy(dest: Path) -> Path:
+    """The repository's tracked files (links kept as links) in `dest`: the sdist is built there,
+    not in the working tree, where setuptools stages it in a dir of its own next to files that
+    other tests' processes write at the same time (a build here once lost a file that way)."""
+    listed = run(["git", "ls-files", "-z"], cwd=ROOT).stdout.split("\0")
+    for name in filter(None, listed):
+        source, target = ROOT / name, dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_symlink():
+            target.symlink_to(os.readlink(source))
+        elif source.is_file():
+            shutil.copy2(source, target)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
-    run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)], cwd=ROOT)
+    source = tracked_copy(tmp_path_factory.mktemp("source"))
+    run([sys.executable, "-m", "build", "--outdir", str(dist), str(source)], cwd=source)
     [built] = dist.glob("lorasweep-*.whl")
     return built
 

@@ -48,6 +48,7 @@ INTERRUPTED_ATTR = "lorasweep.interrupted"  # trial user attr: failed because it
 COMMAND_ATTR = "lorasweep.command"  # study user attr: the overrides of the command that made it
 RUN_DIR_ATTR = "lorasweep.run_dir"  # trial user attr: where the trial's run wrote its outputs
 HEARTBEAT_ATTR = "lorasweep.heartbeat"  # trial user attr: when its sweeper last said it runs
+RDB_ATTEMPTS = 4  # opening a database storage: tries, 1, 2, 3 s apart
 HEARTBEAT_S = 60  # a running trial's heartbeat: dead after 3 missed beats (another host's)
 DASHBOARD = "optuna-dashboard"
 
@@ -91,11 +92,15 @@ def open_storage(storage: str | None):
             return optuna.storages.JournalStorage(JournalFileBackend(url))
     if url.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(url[len("sqlite:///"):]) or ".", exist_ok=True)
-    try:
-        return optuna.storages.RDBStorage(url)
-    except Exception as exc:  # noqa: BLE001  (a bad URL, a server that does not answer, a driver)
-        raise ConfigError(f"hydra.sweeper.storage={mask_url(url)}: cannot open the study "
-                          f"storage: {one_line(exc)}") from None
+    for attempt in range(RDB_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception as exc:  # noqa: BLE001  (a bad URL, a server that does not answer...)
+            # ...or another sweeper creating the same new database's tables at this moment
+            if attempt + 1 == RDB_ATTEMPTS:
+                raise ConfigError(f"hydra.sweeper.storage={mask_url(url)}: cannot open the "
+                                  f"study storage: {one_line(exc)}") from None
+            time.sleep(1 + attempt)
 
 
 @contextmanager
