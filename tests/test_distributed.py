@@ -27,8 +27,8 @@ from helpers import (
 pytestmark = pytest.mark.slow
 
 RUN_FILES = {".hydra", "adapter", "checkpoints", "config.yaml", "dataset_metadata.json",
-             "label_map.json", "metrics.json", "model_metadata.json", "reports", "tokenizer",
-             "train.log"}
+             "label_map.json", "metrics.json", "model_metadata.json", "reports",
+             "run_complete.json", "tokenizer", "train.log"}
 
 
 def launched_run(launcher, overrides, tmp_path, entry=(str(TRAIN),)):

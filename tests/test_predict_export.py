@@ -203,8 +203,10 @@ def test_a_run_killed_before_saving_is_refused_in_one_line(trained_run, tmp_path
                          (EXPORT, [f"output={tmp_path / 'exported'}"])):
         proc = run_tool(script, [f"run_dir={unfinished}", *args])
         assert proc.returncode == 2, proc.stderr[-3000:]
-        assert error_lines(proc) == [f"lorasweep: error: run_dir={unfinished}: not a finished "
-                                     f"run: no adapter/ or model/ in {unfinished}"]
+        assert error_lines(proc) == [
+            f"lorasweep: error: run_dir={unfinished}: not a finished run: no run_complete.json "
+            "and no adapter/ or model/: it stopped before saving its model; rerun its training "
+            "command to finish it (it resumes from its last checkpoint)"]
         assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv", "unfinished"]
 

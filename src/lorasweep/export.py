@@ -72,7 +72,6 @@ def export_run(cfg) -> dict[str, Any]:
     """Write the merged model, tokenizer and serializer settings to `cfg.output`; a summary."""
     run_dir, output = cfg.run_dir, cfg.output
     check_output_dir(output)
-    runs.check_run_dir(run_dir)
     model, tokenizer, label_map, cfg = runs.load_for_inference(run_dir)
     check_plain_pooling(model, run_dir)
     model = merged_model(model)
@@ -81,7 +80,8 @@ def export_run(cfg) -> dict[str, Any]:
     serialization = {**runs.run_serialization(run_dir, cfg), "max_length": cfg.data.max_length,
                      "label_column": cfg.data.label_column}
     # Built beside it and renamed into place (over an empty dir): never a half-written export.
-    with outputs.atomic_path(output.rstrip(os.sep)) as tmp:
+    with (outputs.writing(output, outputs.RERUN_HINT),
+          outputs.atomic_path(output.rstrip(os.sep)) as tmp):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         outputs.write_json(tmp, SERIALIZATION_FILE, serialization)

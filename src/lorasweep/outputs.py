@@ -1,23 +1,33 @@
 """The layout of a run dir, and writing files so that a reader never sees half of one.
 
     <run_dir>/adapter/  (or model/ with lora=none)   tokenizer/   label_map.json   blend/
-             model_metadata.json  dataset_metadata.json  metrics.json  config.yaml  .hydra/
-             checkpoints/checkpoint-<step>/
+             model_metadata.json  dataset_metadata.json  metrics.json  config.yaml  reports
+             run_complete.json  .hydra/  checkpoints/checkpoint-<step>/
 
-`lorasweep.runs.load` reads a finished run back from it.
+A run is finished when run_complete.json is there: written last, it lists every output file with
+its size and sha256. A rerun removes it before it writes its first output, so a run that dies
+while writing them leaves a dir that every reader refuses (`check_finished`), and its checkpoints
+stay for `resume=auto`. `lorasweep.runs.load` reads a finished run back.
+
+A failed write names its path: `writing(path)` turns an OS error (a full disk above all) into one
+line, `WriteError`.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lorasweep.errors import UserError
 from lorasweep.redaction import masked_container
 
 ADAPTER_DIR = "adapter"
@@ -31,6 +41,15 @@ MODEL_METADATA = "model_metadata.json"
 DATASET_METADATA = "dataset_metadata.json"
 RUN_CONFIG = "config.yaml"
 PRUNED = "pruned.json"  # a sweep trial stopped by its pruner (lorasweep.training.pruning)
+COMPLETE = "run_complete.json"  # written last: the run's output files, their sizes and sha256
+# What predicting needs (predict, export, the MLflow model); training_args.bin, the Trainer's
+# pickle, is not needed (see README, Secrets).
+INFERENCE_FILES = (ADAPTER_DIR, FULL_MODEL_DIR, TOKENIZER_DIR, BLEND_DIR, LABEL_MAP, RUN_CONFIG,
+                   DATASET_METADATA, MODEL_METADATA)
+NOT_FOR_INFERENCE = ("training_args.bin",)
+RUN_FORMAT = 2  # model_metadata.json's run_format: runs without it predate run_complete.json
+RESUME_HINT = "free space and rerun the same command to resume"
+RERUN_HINT = "free space and rerun the same command"
 
 
 @contextmanager
@@ -73,3 +92,129 @@ def save_run_config(run_dir: str, cfg: DictConfig) -> str:
     with atomic_path(path) as tmp:
         OmegaConf.save(OmegaConf.create(masked_container(cfg, cfg.tracking.secret_keys)), tmp)
     return path
+
+
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc` (or an error it wraps) is a full disk or quota. torch, safetensors and
+    pyarrow each word it their own way."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(exc) for text in ("No space left on device", "StorageFull",
+                                              "Disk quota exceeded")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_bytes(path: str) -> int:
+    """Free space on the filesystem that holds `path` (or would: its nearest existing parent)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+class WriteError(UserError):
+    """A write the machine refused: a full disk, a read-only filesystem, no permission."""
+
+
+@contextmanager
+def writing(path: str, hint: str = RESUME_HINT) -> Iterator[None]:
+    """Turn a failed write under `path` into one line that names it, the free space and what to
+    do. torch reports a full disk as a RuntimeError of its own ("file write failed", "unexpected
+    pos"), so an error of any type counts when the disk has no room left."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as exc:
+        free = free_bytes(path)
+        if disk_full(exc) or free < 2**16:
+            raise WriteError(f"no space left on device writing {path} ({free / 2**20:.1f} MB "
+                             f"free): {hint}") from None
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS,
+                                                      errno.EIO):
+            raise WriteError(f"cannot write {exc.filename or path}: {exc.strerror}: "
+                             f"{hint}") from None
+        raise
+
+
+def output_files(run_dir: str) -> dict[str, dict[str, Any]]:
+    """The run's output files (not its checkpoints, Hydra's files, logs or temp files), by path
+    relative to `run_dir`: their size and sha256."""
+    found = {}
+    for root, dirs, files in os.walk(run_dir):
+        rel_root = os.path.relpath(root, run_dir)
+        if rel_root == ".":
+            dirs[:] = [d for d in dirs if d not in (CHECKPOINT_DIR, ".hydra")]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.startswith(".") or name.endswith(".log") or (rel_root == "." and name in (
+                    COMPLETE, PRUNED)):
+                continue
+            path = os.path.join(root, name)
+            with open(path, "rb") as fh:
+                digest = hashlib.file_digest(fh, "sha256").hexdigest()
+            found[os.path.normpath(os.path.join(rel_root, name))] = {
+                "bytes": os.path.getsize(path), "sha256": digest}
+    return dict(sorted(found.items()))
+
+
+def mark_unfinished(run_dir: str) -> None:
+    """Before a run writes its first output into `run_dir` (a rerun: over a finished run's)."""
+    path = os.path.join(run_dir, COMPLETE)
+    if os.path.lexists(path):
+        os.remove(path)
+
+
+def mark_finished(run_dir: str) -> str:
+    """The last write of a run: the record that says every output is on disk."""
+    with writing(os.path.join(run_dir, COMPLETE)):
+        return write_json(run_dir, COMPLETE, {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                              "files": output_files(run_dir)})
+
+
+def unfinished_reason(run_dir: str, needed: tuple[str, ...] = INFERENCE_FILES) -> str | None:
+    """Why `run_dir` is not a finished run (None: it is). Only the files under `needed` are
+    checked against the record, by size: a copy of the inference files (the MLflow model) is
+    finished too."""
+    record_path = os.path.join(run_dir, COMPLETE)
+    if not os.path.isfile(record_path):
+        if _predates_records(run_dir):
+            return None
+        if not any(os.path.isdir(os.path.join(run_dir, n)) for n in (ADAPTER_DIR,
+                                                                      FULL_MODEL_DIR)):
+            return (f"no {COMPLETE} and no {ADAPTER_DIR}/ or {FULL_MODEL_DIR}/: it stopped "
+                    "before saving its model")
+        return f"no {COMPLETE}: it stopped while writing its outputs"
+    try:
+        files = read_json(run_dir, COMPLETE)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{COMPLETE} is unreadable ({exc})"
+    problems = []
+    for rel, entry in files.items():
+        top = rel.split(os.sep)[0]
+        if top not in needed or os.path.basename(rel) in NOT_FOR_INFERENCE:
+            continue
+        path = os.path.join(run_dir, rel)
+        if not os.path.isfile(path):
+            problems.append(f"{rel} is missing")
+        elif os.path.getsize(path) != entry["bytes"]:
+            problems.append(f"{rel} has {os.path.getsize(path)} bytes, not {entry['bytes']}")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more"
+                                           if len(problems) > 3 else "")
+        return f"its files differ from {COMPLETE}: {shown}"
+    return None
+
+
+def _predates_records(run_dir: str) -> bool:
+    """A run finished by a lorasweep without completion records: its model_metadata.json (written
+    after the model, blend and metrics) is there, without run_format."""
+    try:
+        return "run_format" not in read_json(run_dir, MODEL_METADATA)
+    except (OSError, ValueError):
+        return False

@@ -21,6 +21,7 @@ from lorasweep.cli.harness import exit_2_on_user_error, run_cli
 from lorasweep.config import CONF_DIR, EXECUTION_WHITELIST, PredictConfig, check_max_length
 from lorasweep.data.tables import WRITERS
 from lorasweep.errors import ConfigError
+from lorasweep.outputs import RERUN_HINT, writing
 from lorasweep.runs import load as runs
 
 ConfigStore.instance().store(name="base_predict", node=PredictConfig)
@@ -59,7 +60,8 @@ def predict_file(cfg) -> dict[str, Any]:
         check_max_length(cfg.max_length, run_cfg.model, "max_length")
     run = LoadedRun.load(cfg.run_dir, cfg.device, cfg.max_length, cfg.blend)
     frame = predict_table(run, table, cfg.batch_size, cfg.top_k, cfg.progress)
-    write_table(frame, cfg.output)
+    with writing(cfg.output, RERUN_HINT):
+        write_table(frame, cfg.output)
     return {"rows": len(frame), "output": os.path.abspath(cfg.output),
             "blend_weight": run.blend.weight if run.blend is not None else None,
             "precision": run.precision.name,

@@ -7,12 +7,14 @@ line with the shell's code for the signal, a bug with its traceback (exit code 1
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
 
 from lorasweep.errors import UserError, one_line
 from lorasweep.interrupts import Terminated, failure_reason, raise_on_sigterm
+from lorasweep.outputs import RESUME_HINT, disk_full
 
 EXIT_USER_ERROR = 2
 EXIT_SIGINT = 130  # 128 + the signal number, as a shell reports a process killed by it
@@ -46,6 +48,8 @@ def run_cli(entry: Callable[[], object]) -> None:
     Ctrl-C and SIGTERM end in one line too (exit 130 / 143), after the run recorded them."""
     # Make Hydra re-raise instead of printing a trimmed traceback and exiting 1.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    # A log file on a full disk: its lines are lost, without a traceback printed for each.
+    logging.raiseExceptions = False
     raise_on_sigterm()
     try:
         entry()
@@ -56,6 +60,10 @@ def run_cli(entry: Callable[[], object]) -> None:
     except Exception as exc:
         from lorasweep.tracking.study import is_pruned
 
+        if disk_full(exc):  # a write that `outputs.writing` does not wrap (Hydra's own files)
+            where = getattr(exc, "filename", None) or "a file"
+            exit_with_user_error(UserError(f"no space left on device writing {where}: "
+                                           f"{RESUME_HINT}"))
         if not is_pruned(exc):  # a launched sweep trial's ranks, stopped by its pruner
             raise
         print(f"lorasweep: trial {exc}", file=sys.stderr, flush=True)

@@ -23,7 +23,7 @@ from lorasweep.data.labels import LabelMap
 from lorasweep.data.serialization import serialize_batch
 from lorasweep.data.tables import expand_files
 from lorasweep.errors import DataError, one_line
-from lorasweep.outputs import atomic_path
+from lorasweep.outputs import RERUN_HINT, WriteError, atomic_path, writing
 
 
 @dataclass
@@ -115,12 +115,12 @@ def save_prepared(prepared: PreparedData, path: str) -> None:
     payload = {"label_map": prepared.label_map.to_json(),
                "serialization": prepared.serialization, "metadata": prepared.metadata}
     try:
-        with atomic_path(path) as tmp, no_progress_bars():
+        with writing(path, RERUN_HINT), atomic_path(path) as tmp, no_progress_bars():
             prepared.raw.save_to_disk(os.path.join(tmp, "raw"))
             prepared.tokenized.save_to_disk(os.path.join(tmp, "tokenized"))
             with open(os.path.join(tmp, "prepared.json"), "w") as fh:
                 json.dump(payload, fh, indent=2)
-    except OSError:
+    except (OSError, WriteError):
         if not os.path.isfile(os.path.join(path, "prepared.json")):
             raise
         # another process won the race: its entry is complete, and identical

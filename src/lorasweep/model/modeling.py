@@ -17,7 +17,7 @@ from lorasweep.console import quiet_loading
 from lorasweep.data.labels import LabelMap
 from lorasweep.errors import ConfigError, one_line
 from lorasweep.model.pooling import apply_pooling, resolve_pooling
-from lorasweep.outputs import atomic_path
+from lorasweep.outputs import RERUN_HINT, atomic_path, writing
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,13 @@ def random_base_model(model_cfg, cache_dir: str, seed: int) -> str:
     with FileLock(path + ".lock"):
         if not os.path.isfile(os.path.join(path, "config.json")):
             config = AutoConfig.for_model(arch.pop("model_type"), **arch)
-            torch.manual_seed(seed)
-            # Headless, like a pretrained checkpoint: the classifier is sized at load time.
-            model = AutoModel.from_config(config)
-            with quiet_loading(), atomic_path(path) as tmp:
+            # Its own random stream: a run that creates the model and one that finds it draw
+            # the same LoRA and dropout numbers after it.
+            with torch.random.fork_rng():
+                torch.manual_seed(seed)
+                # Headless, like a pretrained checkpoint: the classifier is sized at load time.
+                model = AutoModel.from_config(config)
+            with writing(path, RERUN_HINT), quiet_loading(), atomic_path(path) as tmp:
                 save_local_model(model, tmp)
     return path
 

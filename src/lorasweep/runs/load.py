@@ -21,14 +21,15 @@ from lorasweep.errors import ConfigError, DataError, UserError
 
 
 def check_run_dir(run_dir: str) -> None:
-    """A directory holding a saved model: a run killed mid-training has its config and
-    checkpoints, but no adapter/ or model/ to load."""
+    """A finished run: every file predicting needs is on disk, as its run_complete.json lists
+    them. A run that died while training or while writing its outputs (a full disk) is refused,
+    never used with what it happens to have."""
     if not os.path.isdir(run_dir):
         raise ConfigError(f"run_dir={run_dir}: not a directory")
-    if not any(os.path.isdir(os.path.join(run_dir, name))
-               for name in (outputs.ADAPTER_DIR, outputs.FULL_MODEL_DIR)):
-        raise UserError(f"run_dir={run_dir}: not a finished run: no {outputs.ADAPTER_DIR}/ or "
-                        f"{outputs.FULL_MODEL_DIR}/ in {run_dir}")
+    reason = outputs.unfinished_reason(run_dir)
+    if reason is not None:
+        raise UserError(f"run_dir={run_dir}: not a finished run: {reason}; rerun its training "
+                        "command to finish it (it resumes from its last checkpoint)")
 
 
 def load_run_config(run_dir: str) -> DictConfig:
@@ -97,6 +98,7 @@ def load_for_inference(run_dir: str):
     """Rebuild a trained model from its run dir: (model in eval mode, tokenizer, label map, cfg)."""
     from transformers import AutoTokenizer
 
+    check_run_dir(run_dir)
     cfg = load_run_config(run_dir)
     label_map = load_label_map(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, outputs.TOKENIZER_DIR))

@@ -28,11 +28,8 @@ MODEL_ARTIFACT = "model"  # runs:/<run id>/model
 RUN_ARTIFACT = "run"  # the run's inference files, inside the model
 PACKAGE_DIR = os.path.dirname(os.path.abspath(lorasweep.__file__))
 SERVED_MODEL_CODE = os.path.join(PACKAGE_DIR, "runs", "served.py")
-RUN_FILES = (outputs.ADAPTER_DIR, outputs.FULL_MODEL_DIR, outputs.TOKENIZER_DIR,
-             outputs.BLEND_DIR, outputs.LABEL_MAP, outputs.RUN_CONFIG, outputs.DATASET_METADATA,
-             outputs.MODEL_METADATA)
-# Not needed to predict: training_args.bin is the Trainer's pickle (see README, Secrets).
-LEFT_OUT = ("training_args.bin",)
+# What predicting needs, and the record that says the run finished writing it.
+RUN_FILES = (*outputs.INFERENCE_FILES, outputs.COMPLETE)
 # lorasweep's dependencies that only training and sweeps import: not installed to serve.
 TRAINING_ONLY = frozenset({"deepspeed", "hydra-optuna-sweeper", "hydra-joblib-launcher", "optuna",
                            "redis", "matplotlib", "psutil"})
@@ -41,7 +38,7 @@ TRAINING_ONLY = frozenset({"deepspeed", "hydra-optuna-sweeper", "hydra-joblib-la
 def stage_run_files(run_dir: str, target: str) -> str:
     """Copy what predicting needs from `run_dir` to `target`; `target`."""
     os.makedirs(target)
-    ignore = shutil.ignore_patterns(*LEFT_OUT)
+    ignore = shutil.ignore_patterns(*outputs.NOT_FOR_INFERENCE)
     for name in RUN_FILES:
         source = os.path.join(run_dir, name)
         if os.path.isdir(source):

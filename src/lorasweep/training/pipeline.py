@@ -60,6 +60,7 @@ from lorasweep.training.deepspeed_config import (
     estimate_model_state_memory,
     zero_stage,
 )
+from lorasweep.training.disk_space import warn_if_short
 from lorasweep.training.pruning import pruning_callback, stop_if_pruned
 from lorasweep.training.trainer import (
     best_epoch,
@@ -68,6 +69,7 @@ from lorasweep.training.trainer import (
     checkpoint_step,
     evaluate_split,
     find_resume_checkpoint,
+    prune_checkpoints,
     save_model,
 )
 
@@ -224,6 +226,8 @@ def set_up(cfg: DictConfig, tracker: Tracker, ds_config: dict | None) -> Recipe:
     resume_from = find_resume_checkpoint(cfg.resume, cfg.output_dir)
     comparison = warm_start(cfg, model, data, tokenizer, loss_fn, resume_from, precision)
     model = apply_lora(model, cfg.lora)
+    if rank_zero:
+        warn_if_short(cfg, model, tokenizer, data, ds_config)
     pruning = pruning_callback(cfg.objective.metric, cfg.output_dir)
     trainer = build_trainer(model, args, data.tokenized, tokenizer, loss_fn,
                             [TrackingCallback(tracker), *([pruning] if pruning else [])],
@@ -240,10 +244,13 @@ def fit(cfg: DictConfig, recipe: Recipe) -> tuple[dict[str, Any], dict[str, np.n
     trainer, data = recipe.trainer, recipe.data
     if recipe.resume_from:
         log.info("resuming from %s", recipe.resume_from)
-    train_result = trainer.train(resume_from_checkpoint=recipe.resume_from)
+    with outputs.writing(os.path.join(cfg.output_dir, outputs.CHECKPOINT_DIR)):
+        train_result = trainer.train(resume_from_checkpoint=recipe.resume_from)
     stop_if_pruned(recipe.pruning, cfg.output_dir)
     eval_metrics, eval_probs = evaluate_split(trainer, data.tokenized["validation"], "eval")
     test_metrics, test_probs = evaluate_split(trainer, data.tokenized["test"], "test")
+    if recipe.rank_zero:  # from here until run_complete.json, the dir is not a finished run
+        outputs.mark_unfinished(cfg.output_dir)
     save_model(trainer, cfg.output_dir, recipe.tokenizer, cfg.lora.enable)
     if recipe.rank_zero and cfg.baseline == "tfidf":
         fitted = baseline_metrics(data)
@@ -270,20 +277,36 @@ def fit(cfg: DictConfig, recipe: Recipe) -> tuple[dict[str, Any], dict[str, np.n
 def finish(cfg: DictConfig, recipe: Recipe, tracker: Tracker, ds_config: dict | None,
            metrics: dict[str, Any], probabilities: dict[str, np.ndarray]) -> None:
     """Rank 0: the run's files, reports and MLflow record. Only now that the new model is saved:
-    a rerun into a finished run's dir that fails earlier leaves that run's config, label map and
-    serializer matching its model."""
+    a rerun into a finished run's dir that fails earlier leaves that run's files as they were.
+    Each file's write names it when it fails (a full disk); run_complete.json comes last."""
     run_dir, data, labels = cfg.output_dir, recipe.data, recipe.data.label_map.labels
-    write_data_files(cfg, data, run_dir)
-    save_blend(run_dir, recipe.tfidf, metrics.get("blend_weight"))
-    outputs.write_json(run_dir, outputs.METRICS, metrics)
-    outputs.write_json(run_dir, outputs.MODEL_METADATA,
-                       model_metadata(cfg, recipe.trainer, ds_config, recipe.base_path,
-                                      recipe.precision))
-    report_files = reports.write_reports(run_dir, probabilities["test"].argmax(axis=-1),
-                                         np.asarray(data.tokenized["test"]["labels"]), labels)
-    report_files += [reports.write_predictions(run_dir, split, data.raw[split], data.texts(split),
-                                               probs, labels, cfg.data.label_column)
-                     for split, probs in probabilities.items()]
+    test_labels = np.asarray(data.tokenized["test"]["labels"])
+    report_files: list[str] = []
+    writes = [
+        (outputs.RUN_CONFIG, lambda: outputs.save_run_config(run_dir, cfg)),
+        (outputs.LABEL_MAP,
+         lambda: outputs.write_json(run_dir, outputs.LABEL_MAP, data.label_map.to_json())),
+        (outputs.DATASET_METADATA,
+         lambda: outputs.write_json(run_dir, outputs.DATASET_METADATA, data.metadata)),
+        (outputs.BLEND_DIR,
+         lambda: save_blend(run_dir, recipe.tfidf, metrics.get("blend_weight"))),
+        (outputs.METRICS, lambda: outputs.write_json(run_dir, outputs.METRICS, metrics)),
+        (outputs.MODEL_METADATA, lambda: outputs.write_json(
+            run_dir, outputs.MODEL_METADATA, model_metadata(cfg, recipe.trainer, ds_config,
+                                                            recipe.base_path, recipe.precision))),
+        (reports.REPORT_DIR, lambda: report_files.extend(reports.write_reports(
+            run_dir, probabilities["test"].argmax(axis=-1), test_labels, labels))),
+        *((os.path.join(reports.REPORT_DIR, f"predictions_{split}.csv"),
+           lambda split=split, probs=probs: report_files.append(reports.write_predictions(
+               run_dir, split, data.raw[split], data.texts(split), probs, labels,
+               cfg.data.label_column)))
+          for split, probs in probabilities.items()),
+    ]
+    for name, write in writes:
+        with outputs.writing(os.path.join(run_dir, name)):
+            write()
+    outputs.mark_finished(run_dir)
+    prune_checkpoints(recipe.trainer, run_dir)  # only now: until here a rerun resumes from them
     tracker.log_metrics(metrics)
     log_artifacts(tracker, run_dir, report_files)
     if cfg.tracking.log_model:
@@ -321,12 +344,6 @@ def baseline_metrics(data: PreparedData):
                           len(data.label_map.labels))
 
 
-def write_data_files(cfg: DictConfig, data: PreparedData, run_dir: str) -> None:
-    outputs.save_run_config(run_dir, cfg)
-    outputs.write_json(run_dir, outputs.LABEL_MAP, data.label_map.to_json())
-    outputs.write_json(run_dir, outputs.DATASET_METADATA, data.metadata)
-
-
 def model_metadata(cfg: DictConfig, trainer, ds_config, base_path: str,
                    precision: Precision) -> dict[str, Any]:
     """What actually trained: the engine class and ZeRO stage DeepSpeed reports, world size, the
@@ -353,12 +370,13 @@ def model_metadata(cfg: DictConfig, trainer, ds_config, base_path: str,
         "trainer_mixed_precision": trainer.args.mixed_precision,
         "global_step": trainer.state.global_step,
         "lorasweep_version": __version__,
+        "run_format": outputs.RUN_FORMAT,
     }
 
 
 def log_artifacts(tracker: Tracker, run_dir: str, report_files) -> None:
     for name in (outputs.RUN_CONFIG, outputs.LABEL_MAP, outputs.METRICS, outputs.MODEL_METADATA,
-                 outputs.DATASET_METADATA):
+                 outputs.DATASET_METADATA, outputs.COMPLETE):
         tracker.log_artifact(os.path.join(run_dir, name))
     tracker.log_artifact(os.path.join(run_dir, ".hydra"), artifact_path="hydra")
     for path in report_files:

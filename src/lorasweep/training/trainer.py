@@ -7,6 +7,7 @@ import copyreg
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,8 +119,8 @@ class PicklableWithoutSecrets(TrainingArguments):
 
 
 class OrderedEvalTrainer(Trainer):
-    """A Trainer whose evaluation and `predict` keep the dataset's row order, and whose head may
-    learn at its own rate.
+    """A Trainer whose evaluation and `predict` keep the dataset's row order, whose head may
+    learn at its own rate, and that leaves its checkpoints in place when training ends.
 
     With `train_sampling_strategy=group_by_length`, transformers 5 also length-groups (shuffles)
     evaluation batches, so `predict()` output no longer lines up with the rows. Metrics would not
@@ -134,6 +135,18 @@ class OrderedEvalTrainer(Trainer):
         if eval_dataset is None or self.args.world_size > 1:
             return None
         return SequentialSampler(eval_dataset)
+
+    def _finalize_training(self, *args, **kwargs):
+        """With save_total_limit=1 the Trainer deletes every checkpoint but the best one as
+        training ends, before the run has written its outputs: a run that then fails (a full
+        disk) would have to train again. The run prunes them itself once its outputs are on disk
+        (`prune_checkpoints`)."""
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            return super()._finalize_training(*args, **kwargs)
+        finally:
+            self.args.save_total_limit = limit
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer with the fully trained modules (head, pooler) in groups of
@@ -198,6 +211,22 @@ def checkpoint_step(path: str) -> int | None:
     return int(step) if prefix == PREFIX_CHECKPOINT_DIR and step.isdigit() else None
 
 
+def prune_checkpoints(trainer: Trainer, run_dir: str) -> list[str]:
+    """What transformers does as training ends with save_total_limit=1, once the run's outputs
+    are on disk: every checkpoint but the best one goes. The removed dirs."""
+    best = trainer.state.best_model_checkpoint
+    ckpt_dir = os.path.join(run_dir, outputs.CHECKPOINT_DIR)
+    if trainer.args.save_total_limit != 1 or not best or not os.path.isdir(ckpt_dir):
+        return []
+    removed = []
+    for name in sorted(os.listdir(ckpt_dir)):
+        path = os.path.join(ckpt_dir, name)
+        if checkpoint_step(name) is not None and not os.path.samefile(path, best):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def find_resume_checkpoint(resume: str, run_dir: str) -> str | None:
     """`auto`: the newest complete checkpoint in the run dir; `never`: None; else that path."""
     if resume == "never":
@@ -253,7 +282,10 @@ def save_model(trainer: Trainer, run_dir: str, tokenizer, lora_enabled: bool) ->
     """Save the adapter (LoRA) or the full model, and the tokenizer. Every rank must call this:
     under ZeRO-3 the weights are gathered from all ranks; only rank 0 writes."""
     target = os.path.join(run_dir, outputs.ADAPTER_DIR if lora_enabled else outputs.FULL_MODEL_DIR)
-    trainer.save_model(target)
+    with outputs.writing(target):
+        trainer.save_model(target)
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(os.path.join(run_dir, outputs.TOKENIZER_DIR))
+        tokenizer_dir = os.path.join(run_dir, outputs.TOKENIZER_DIR)
+        with outputs.writing(tokenizer_dir):
+            tokenizer.save_pretrained(tokenizer_dir)
     return target
