@@ -126,8 +126,11 @@ def test_a_full_disk_at_each_write_of_a_run_is_one_error_naming_it_and_a_rerun_f
     of the run's final files is written, and as the data cache is: a WriteError naming it, a dir
     that readers refuse, no cache entry, and after the ballast goes the same run finishes with
     the undisturbed run's result."""
+    from omegaconf import OmegaConf
+
     from lorasweep import outputs
     from lorasweep.errors import UserError
+    from lorasweep.export import export_run
     from lorasweep.runs.load import check_run_dir
     from lorasweep.training.pipeline import run
 
@@ -152,7 +155,13 @@ def test_a_full_disk_at_each_write_of_a_run_is_one_error_naming_it_and_a_rerun_f
         assert str(failed.value).endswith("MB free): free space and rerun the same command to "
                                           "resume"), name
         with pytest.raises(UserError, match=f"run_dir={run_dir}: not a finished run: "):
-            check_run_dir(str(run_dir))
+            check_run_dir(str(run_dir))  # what predict, export and the MLflow model start with
+        if name == "blend":
+            with pytest.raises(UserError, match="not a finished run: no run_complete.json: it "
+                                                "stopped while writing its outputs"):
+                export_run(OmegaConf.create({"run_dir": str(run_dir),
+                                             "output": str(tmp_path / "exported")}))
+            assert not (tmp_path / "exported").exists()
         ballast.unlink()
         if name in ("adapter", "blend", "run_complete.json"):
             # a partial dir, a temp dir removed, every other file written

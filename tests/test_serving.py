@@ -50,7 +50,7 @@ def logged_run(tmp_path_factory) -> SimpleNamespace:
     run_train(["model=tiny_bert", "training=smoke", "training.mixed_precision=no",
                "model.head_init=random", "lora=default",
                "loss=ce", "loss.label_smoothing=0", "training.learning_rate=0.05",
-               "training.max_steps=12", f"hydra.run.dir={tmp / 'run'}",
+               "training.max_steps=6", f"hydra.run.dir={tmp / 'run'}",
                f"data.cache_dir={tmp / 'cache'}", f"tracking.uri={uri}",
                "tracking.experiment_name=serving", f"tracking.registered_model_name={NAME}"],
               check=True)

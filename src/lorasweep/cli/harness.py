@@ -61,8 +61,9 @@ def run_cli(entry: Callable[[], object]) -> None:
         from lorasweep.tracking.study import is_pruned
 
         if disk_full(exc):  # a write that `outputs.writing` does not wrap (Hydra's own files)
-            where = getattr(exc, "filename", None) or "a file"
-            exit_with_user_error(UserError(f"no space left on device writing {where}: "
+            where = getattr(exc, "filename", None)
+            exit_with_user_error(UserError(f"no space left on device"
+                                           f"{f' writing {where}' if where else ''}: "
                                            f"{RESUME_HINT}"))
         if not is_pruned(exc):  # a launched sweep trial's ranks, stopped by its pruner
             raise
