@@ -35,6 +35,9 @@ def silence_library_noise() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     # DeepSpeed probes for libaio with a test compile at start; setuptools logs each gcc line
     logging.getLogger("compilers").setLevel(logging.WARNING)
+    # Checkpoints saved within a second of each other (quick steps): the Trainer then orders them
+    # by step, and says so as if the filesystem were at fault.
+    logging.getLogger("transformers.trainer_utils").addFilter(_NoMtimeNotice())
     try:
         import torch
 
@@ -42,6 +45,11 @@ def silence_library_noise() -> None:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
     except ImportError:
         pass
+
+
+class _NoMtimeNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "mtime may not be reliable" not in str(record.msg)
 
 
 class _NoLoadReport(logging.Filter):
