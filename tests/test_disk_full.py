@@ -301,3 +301,10 @@ def test_a_full_disk_while_predicting_keeps_the_earlier_output(disk, reference, 
     ballast.unlink()
     predict_file(request)
     assert len(pd.read_csv(output)) == 200
+
+    # A read-only filesystem: the same one line, with the system's reason.
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    with pytest.raises(WriteError) as failed:
+        predict_file(request)
+    assert str(failed.value) == (f"cannot write {output}: Read-only file system: make it "
+                                 "writable and rerun the same command")

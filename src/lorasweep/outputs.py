@@ -48,8 +48,8 @@ INFERENCE_FILES = (ADAPTER_DIR, FULL_MODEL_DIR, TOKENIZER_DIR, BLEND_DIR, LABEL_
                    DATASET_METADATA, MODEL_METADATA)
 NOT_FOR_INFERENCE = ("training_args.bin",)
 RUN_FORMAT = 2  # model_metadata.json's run_format: runs without it predate run_complete.json
-RESUME_HINT = "free space and rerun the same command to resume"
-RERUN_HINT = "free space and rerun the same command"
+RESUME_HINT = "rerun the same command to resume"  # what to do after a failed write
+RERUN_HINT = "rerun the same command"
 
 
 @contextmanager
@@ -134,10 +134,10 @@ def writing(path: str, hint: str = RESUME_HINT) -> Iterator[None]:
         free = free_bytes(path)
         if disk_full(exc) or free < 2**16:
             raise WriteError(f"no space left on device writing {path} ({free / 2**20:.1f} MB "
-                             f"free): {hint}") from None
+                             f"free): free space and {hint}") from None
         if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS,
                                                       errno.EIO):
-            raise WriteError(f"cannot write {exc.filename or path}: {exc.strerror}: "
+            raise WriteError(f"cannot write {path}: {exc.strerror}: make it writable and "
                              f"{hint}") from None
         raise
 

@@ -64,7 +64,7 @@ def run_cli(entry: Callable[[], object]) -> None:
             where = getattr(exc, "filename", None)
             exit_with_user_error(UserError(f"no space left on device"
                                            f"{f' writing {where}' if where else ''}: "
-                                           f"{RESUME_HINT}"))
+                                           f"free space and {RESUME_HINT}"))
         if not is_pruned(exc):  # a launched sweep trial's ranks, stopped by its pruner
             raise
         print(f"lorasweep: trial {exc}", file=sys.stderr, flush=True)
