@@ -68,42 +68,40 @@ def slurm_jobs(sweep_dir: Path) -> list[str]:
     return sorted(p.name for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit())
 
 
-def cancel_a_training_job(sweep_dir: Path, proc: subprocess.Popen, env: dict) -> str:
-    """scancel the job of the first trial that is training (its log has the LoRA line, logged
-    just before the Trainer starts); the job's id (Hydra's job id in the trial's dir)."""
+def cancel_the_first_running_job(proc: subprocess.Popen, env: dict) -> str:
+    """scancel the first of the sweep's jobs that Slurm starts; its id."""
     deadline = time.time() + 300
     while time.time() < deadline:
         assert proc.poll() is None, proc.stdout.read()
-        for log in sweep_dir.glob("*/train.log"):
-            if "LoRA:" in log.read_text():
-                hydra = yaml.safe_load((log.parent / ".hydra" / "hydra.yaml").read_text())
-                job = str(hydra["hydra"]["job"]["id"])
-                slurm(env, "scancel", job)
-                return job
-        time.sleep(0.5)
-    raise AssertionError("no trial started training")
+        running = slurm(env, "squeue", "-h", "-t", "R", "-o", "%i").split()
+        if running:
+            slurm(env, "scancel", running[0])
+            return running[0]
+        time.sleep(0.2)
+    raise AssertionError("no job started")
 
 
 def test_a_slurm_sweep_runs_each_trial_as_a_job_and_outlives_a_failed_and_a_cancelled_one(
         tmp_path, cluster):
     """4 trials, each a Slurm job. lora.r=-1, when sampled, fails the trial's validation in its
-    job (FAIL, the sweep goes on); one job is cancelled with scancel while it trains (FAIL,
+    job (FAIL, the sweep goes on); one job is cancelled with scancel while it runs (FAIL,
     reason naming the job and its state; the sweeper does not wait for it). The completed
-    trials reported their evaluations from their jobs (the study's link reached them), the
+    trials reached their study from their jobs (its link, in the job's environment); the
     results file and the MLflow parent run give the study's best trial."""
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "study.journal"
     sweep_dir = tmp_path / "s"
     proc = start_sweep(["-m", SPACE, *(o for o in SMOKE if o != "tracking=none"), *SMALL_JOBS,
-                        # this seed samples lora.r = -1, 4, 4, 4: a bad value first, then
-                        # the trial that is cancelled and two that complete
+                        # this seed samples lora.r = 4, -1, 4, 4: the trial that is
+                        # cancelled, a bad value, two that complete (a random head: no probe
+                        # to fit, seconds saved per trial; the sampled values follow from the
+                        # seed and the search space: one less parameter, other values)
                         "hydra.sweeper.n_trials=4", "lora.r=choice(4,-1)",
-                        "hydra.sweeper.sampler.seed=43",
-                        "training.eval_strategy=steps", "training.eval_steps=2",
+                        "hydra.sweeper.sampler.seed=47", "model.head_init=random",
                         f"tracking.uri={db}", "tracking.experiment_name=slurm",
                         f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep_dir}"],
                        cluster)
-    cancelled = cancel_a_training_job(sweep_dir, proc, cluster)
+    cancelled = cancel_the_first_running_job(proc, cluster)
     out = proc.communicate(timeout=900)[0]
     assert proc.returncode == 0, out[-6000:]
 
@@ -123,8 +121,8 @@ def test_a_slurm_sweep_runs_each_trial_as_a_job_and_outlives_a_failed_and_a_canc
     assert all("lora.r=-1: expected a positive integer" in reasons[n] for n in bad)
     complete = by_state[TrialState.COMPLETE]
     assert len(complete) == 4 - len(lost) - len(bad) == 2
-    for trial in complete:  # reported from inside its Slurm job
-        assert trial.intermediate_values and trial.user_attrs["lorasweep.run_dir"]
+    for trial in complete:  # written by the run inside its Slurm job, through the study's link
+        assert trial.user_attrs["lorasweep.run_dir"] == str(sweep_dir / str(trial.number))
 
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert results["best_trial"] == study.best_trial.number
@@ -166,7 +164,8 @@ def test_a_local_and_a_slurm_sweeper_share_one_study(tmp_path, cluster):
     machine, the other submits them to Slurm. Distinct trial numbers, each trial run by one of
     them, n_trials reached, one best result."""
     storage = tmp_path / "shared.journal"
-    common = ["-m", SPACE, *SMOKE, "hydra/sweeper/pruner=none", "hydra.sweeper.n_trials=4",
+    common = ["-m", SPACE, *SMOKE, "hydra/sweeper/pruner=none", "hydra.sweeper.n_trials=3",
+              "model.head_init=random",
               f"hydra.sweeper.storage={storage}"]
     launchers = {"local": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=1"],
                  "slurm": SMALL_JOBS}
@@ -178,7 +177,7 @@ def test_a_local_and_a_slurm_sweeper_share_one_study(tmp_path, cluster):
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
-    assert 4 <= len(numbers) <= 5  # or one more, if both asked for the last at once
+    assert 3 <= len(numbers) <= 4  # or one more, if both asked for the last at once
     ran = {name: [json.loads(p.read_text())["number"]
                   for p in (tmp_path / name).glob("*/trial.json")] for name in launchers}
     assert sorted(ran["local"] + ran["slurm"]) == sorted(numbers)
