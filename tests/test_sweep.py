@@ -208,13 +208,14 @@ def test_param_importance_on_a_study_made_from_trial_records(tmp_path, caplog):
 
 
 def test_the_slurm_launcher_config_composes():
-    """conf/hydra/launcher/slurm.yaml: one SLURM job per trial with nproc_per_node GPUs (composed
-    with the real hydra-submitit-launcher plugin; no cluster here to submit to)."""
+    """conf/hydra/launcher/slurm.yaml: one Slurm job per trial with nproc_per_node GPUs, through
+    lorasweep's launcher on the hydra-submitit-launcher plugin (composed only: test_slurm.py
+    submits to a real cluster)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONF)):
         cfg = compose(config_name="train", return_hydra_config=True,
                       overrides=[SPACE, "hydra/launcher=slurm", "distributed.nproc_per_node=2"])
     launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher._target_ == "lorasweep.cli.slurm.SlurmLauncher"
     assert launcher.gpus_per_node == 2 and launcher.tasks_per_node == 1
