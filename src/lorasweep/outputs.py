@@ -109,6 +109,13 @@ def disk_full(exc: BaseException | None) -> bool:
     return False
 
 
+def torch_write_failed(exc: BaseException) -> bool:
+    """torch.save's own words for a write that failed, a full disk among the causes: it says
+    nothing of space ("file write failed", "unexpected pos N vs M")."""
+    return isinstance(exc, RuntimeError) and any(
+        text in str(exc) for text in ("PytorchStreamWriter", "inline_container", "write failed"))
+
+
 def free_bytes(path: str) -> int:
     """Free space on the filesystem that holds `path` (or would: its nearest existing parent)."""
     path = os.path.abspath(path)
@@ -124,15 +131,14 @@ class WriteError(UserError):
 @contextmanager
 def writing(path: str, hint: str = RESUME_HINT) -> Iterator[None]:
     """Turn a failed write under `path` into one line that names it, the free space and what to
-    do. torch reports a full disk as a RuntimeError of its own ("file write failed", "unexpected
-    pos"), so an error of any type counts when the disk has no room left."""
+    do (`hint`: after freeing space or fixing the path)."""
     try:
         yield
     except WriteError:
         raise
     except Exception as exc:
         free = free_bytes(path)
-        if disk_full(exc) or free < 2**16:
+        if disk_full(exc) or (free < 2**16 and torch_write_failed(exc)):
             raise WriteError(f"no space left on device writing {path} ({free / 2**20:.1f} MB "
                              f"free): free space and {hint}") from None
         if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS,
