@@ -6,8 +6,8 @@
 
 A run is finished when run_complete.json is there: written last, it lists every output file with
 its size and sha256. A rerun removes it before it writes its first output, so a run that dies
-while writing them leaves a dir that every reader refuses (`check_finished`), and its checkpoints
-stay for `resume=auto`. `lorasweep.runs.load` reads a finished run back.
+while writing them leaves a dir that every reader refuses (`unfinished_reason`), and its
+checkpoints stay for `resume=auto`. `lorasweep.runs.load` reads a finished run back.
 
 A failed write names its path: `writing(path)` turns an OS error (a full disk above all) into one
 line, `WriteError`.

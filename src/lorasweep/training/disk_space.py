@@ -13,26 +13,25 @@ import math
 from typing import Any
 
 from lorasweep import distributed, outputs
-from lorasweep.model.modeling import count_parameters
+from lorasweep.model.modeling import DTYPES, count_parameters
 
 log = logging.getLogger(__name__)
 
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
 def expected_writes(cfg, model, tokenizer, data, ds_config: dict | None) -> dict[str, Any]:
     """Bytes the run will hold on disk at its peak: the checkpoints kept at once, the saved
-    adapter (or full model), the tokenizer, the reports. `model`: after LoRA wraps it."""
+    adapter (or full model) with its copy of the tokenizer, tokenizer/, the blend, the reports.
+    `model`: after LoRA wraps it."""
     params = count_parameters(model)
     trainable, total = params["trainable"], params["total"]
     # The Trainer saves the tokenizer with the model, in the adapter dir and every checkpoint.
     vocab = tokenizer_bytes(tokenizer)
-    saved = (trainable * 4 if cfg.lora.enable else total * BYTES[cfg.model.dtype]) + vocab
+    weight_bytes = DTYPES[cfg.model.dtype].itemsize
+    saved = (trainable * 4 if cfg.lora.enable else total * weight_bytes) + vocab
     # A checkpoint: the saved weights and the Adam moments of the trainable ones (fp32); under
     # DeepSpeed also its fp32 master copy and the module's whole state dict.
     checkpoint = saved + trainable * 8
     if ds_config is not None:
-        checkpoint += trainable * 4 + total * BYTES[cfg.model.dtype]
+        checkpoint += trainable * 4 + total * weight_bytes
     reports = sum(data.raw[split].data.nbytes for split in ("validation", "test")) * 2
     kept = checkpoints_kept(cfg.training, len(data.tokenized["train"]), distributed.world_size())
     blend = (blend_bytes(data.raw["train"].data.nbytes, len(data.label_map.labels))

@@ -296,15 +296,16 @@ def finish(cfg: DictConfig, recipe: Recipe, tracker: Tracker, ds_config: dict | 
                                                             recipe.base_path, recipe.precision))),
         (reports.REPORT_DIR, lambda: report_files.extend(reports.write_reports(
             run_dir, probabilities["test"].argmax(axis=-1), test_labels, labels))),
-        *((os.path.join(reports.REPORT_DIR, f"predictions_{split}.csv"),
-           lambda split=split, probs=probs: report_files.append(reports.write_predictions(
-               run_dir, split, data.raw[split], data.texts(split), probs, labels,
-               cfg.data.label_column)))
-          for split, probs in probabilities.items()),
     ]
     for name, write in writes:
         with outputs.writing(os.path.join(run_dir, name)):
             write()
+    for split, probs in probabilities.items():
+        path = os.path.join(run_dir, reports.REPORT_DIR, f"predictions_{split}.csv")
+        with outputs.writing(path):
+            report_files.append(reports.write_predictions(
+                run_dir, split, data.raw[split], data.texts(split), probs, labels,
+                cfg.data.label_column))
     outputs.mark_finished(run_dir)
     prune_checkpoints(recipe.trainer, run_dir)  # only now: until here a rerun resumes from them
     tracker.log_metrics(metrics)
