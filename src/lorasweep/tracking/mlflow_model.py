@@ -31,8 +31,9 @@ SERVED_MODEL_CODE = os.path.join(PACKAGE_DIR, "runs", "served.py")
 # What predicting needs, and the record that says the run finished writing it.
 RUN_FILES = (*outputs.INFERENCE_FILES, outputs.COMPLETE)
 # lorasweep's dependencies that only training and sweeps import: not installed to serve.
-TRAINING_ONLY = frozenset({"deepspeed", "hydra-optuna-sweeper", "hydra-joblib-launcher", "optuna",
-                           "redis", "matplotlib", "psutil"})
+TRAINING_ONLY = frozenset({"deepspeed", "hydra-optuna-sweeper", "hydra-joblib-launcher",
+                           "hydra-submitit-launcher", "submitit", "optuna", "matplotlib",
+                           "psutil"})
 
 
 def stage_run_files(run_dir: str, target: str) -> str:
