@@ -9,6 +9,9 @@
     final passes run it): rows sorted by length (what a run does) vs dataset order (what it did),
     on variable-length text (ledger rows with 0-7 more rows appended: p50 and p95 token lengths
     printed) and on the uniform ledger rows; at the precision auto gives here and in fp32.
+(d) the sorted evaluation's batches cut by rows (the eval batch size, what a run does) vs by
+    tokens (each batch filled up to eval batch size x the set's mean length in padded tokens, so
+    short rows go in bigger batches and long ones in smaller), forward passes alone, at auto.
 
 Trailing key=value arguments are Hydra overrides applied to every config.
 """
@@ -19,6 +22,8 @@ import argparse
 import os
 import tempfile
 import time
+
+import numpy as np
 
 from _common import fill_defaults
 from throughput import compose_config, lorasweep_trainer, samples_per_second, train_overrides
@@ -32,6 +37,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, help="alternating runs per side")
     parser.add_argument("--rows", type=int, help="rows per evaluation, part (b)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--parts", nargs="+", default=["a", "b", "d"], choices=["a", "b", "d"],
+                        help="which parts to run ((c) comes with (b))")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     args = parser.parse_args(argv)
     fill_defaults(args, tiny={"steps": 4, "warmup": 1, "repeats": 1, "rows": 64},
@@ -93,9 +100,58 @@ def eval_rows_per_second(trainer, dataset, sorted_rows: bool) -> float:
     return len(dataset) / (time.perf_counter() - start)
 
 
-def bench_evaluation(args, work: str) -> list:
-    import numpy as np
+def row_batches(lengths, size: int) -> list:
+    order = np.argsort(lengths, kind="stable")
+    return [order[i:i + size] for i in range(0, len(order), size)]
 
+
+def token_batches(lengths, budget: int) -> list:
+    """Sorted rows, each batch as long as (rows x its longest row) stays within budget."""
+    batches, batch = [], []
+    for index in np.argsort(lengths, kind="stable"):
+        if batch and (len(batch) + 1) * lengths[index] > budget:
+            batches.append(batch)
+            batch = []
+        batch.append(index)
+    return batches + [batch] if batch else batches
+
+
+def forward_rows_per_second(trainer, dataset, batches) -> float:
+    import torch
+
+    rows = [{k: v for k, v in row.items() if k != "labels"} for row in dataset]
+    start = time.perf_counter()
+    with torch.inference_mode(), trainer.autocast_smart_context_manager():
+        for batch in batches:
+            trainer.model(**trainer.data_collator([rows[int(i)] for i in batch]))
+    return len(dataset) / (time.perf_counter() - start)
+
+
+def bench_token_batches(args, work: str) -> list:
+    cfg = compose_config(train_overrides(args, 1), os.path.join(work, "eval-tokens"),
+                         os.path.join(work, "cache"))
+    trainer = lorasweep_trainer(cfg, [])
+    trainer.model.eval()
+    size = trainer.args.per_device_eval_batch_size
+    results = []
+    for name, dataset in eval_sets(trainer, trainer.processing_class, args.rows):
+        lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+        budget = int(size * lengths.mean())
+        sides = {"rows": row_batches(lengths, size), "tokens": token_batches(lengths, budget)}
+        speeds = {side: [] for side in sides}
+        forward_rows_per_second(trainer, dataset.select(range(8)), [range(8)])  # warm-up
+        for _ in range(args.repeats):
+            for side, batches in sides.items():
+                speeds[side].append(forward_rows_per_second(trainer, dataset, batches))
+        by_tokens, by_rows = max(speeds["tokens"]), max(speeds["rows"])
+        results.append((f"(d) eval batches by tokens / by rows, rows/s, {name}",
+                        f"{by_tokens:.1f} / {by_rows:.1f}", by_tokens / by_rows,
+                        f"{len(sides['tokens'])} vs {len(sides['rows'])} batches, budget "
+                        f"{budget} tokens vs {size} rows"))
+    return results
+
+
+def bench_evaluation(args, work: str) -> list:
     results, best = [], {}
     for precision in ("auto", "no"):
         cfg = compose_config([*train_overrides(args, 1), f"training.mixed_precision={precision}"],
@@ -133,7 +189,8 @@ def main(argv=None) -> None:
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("lorasweep").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="lorasweep-bench-") as work:
-        rows = bench_training(args, work) + bench_evaluation(args, work)
+        parts = {"a": bench_training, "b": bench_evaluation, "d": bench_token_batches}
+        rows = [row for part in args.parts for row in parts[part](args, work)]
     lines = ["", f"lorasweep speed bench ({args.model}, CPU)",
              f"  {'measure':<70}{'values':>16}{'ratio':>8}  notes"]
     lines += [f"  {name:<70}{values:>16}{ratio:>8.2f}  {notes}"

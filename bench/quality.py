@@ -3,7 +3,7 @@ defaults (the fine-tuned model alone, and blended with the TF-IDF model as predi
 and (optionally) the best of an Optuna sweep, all on the same split.
 
     python bench/quality.py                          # the three data sets, default recipe
-    python bench/quality.py --datasets ledger        # one of: ledger, new_vendors, debian
+    python bench/quality.py --datasets ledger        # of: ledger, new_vendors, debian, wordnet
     python bench/quality.py --seeds 42 7 1234        # the default recipe at three training seeds
     python bench/quality.py --sweep-trials 20    # + a 20-trial sweep per data set (hours on CPU)
     python bench/quality.py --tiny                   # tiny_bert smoke run on the ledger (seconds)
@@ -11,7 +11,8 @@ and (optionally) the best of an Optuna sweep, all on the same split.
 
 Data sets: `ledger` (the shipped sample, split by lorasweep), `new_vendors` (its variant whose
 validation/test vendors never appear in train), `debian` (Debian packages' one-line summaries ->
-archive section, real text; built by bench/bench_data.py from the apt lists, skipped if absent).
+archive section, real text) and `wordnet` (WordNet glosses -> semantic field, natural-language
+sentences): both built by bench/bench_data.py, skipped if absent.
 The probe, TF-IDF and blend rows come from the lorasweep run itself (every run fits the probe and
 the TF-IDF model on its train split, and picks the blend weight on validation); the majority row
 predicts the train split's most frequent class for every test row. The ceiling row (the two
@@ -33,12 +34,13 @@ from pathlib import Path
 import pandas as pd
 
 from _common import ROOT, compose_train
-from bench_data import OUT as BENCH_DATA
 from bench_data import data_overrides
 
 sys.path.insert(0, str(ROOT / "data" / "sample_ledger"))  # generate.py: the ledgers' generator
 
-DATASETS = {"ledger": [], "new_vendors": ["data=ledger_new_vendors"], "debian": None}
+# None: built by bench/bench_data.py (skipped with a line saying how when absent)
+DATASETS = {"ledger": [], "new_vendors": ["data=ledger_new_vendors"], "debian": None,
+            "wordnet": None}
 GENERATED = ("ledger", "new_vendors")  # written by data/sample_ledger/generate.py
 ROWS = (("label-noise ceiling", "ceiling"), ("majority class", "majority"),
         ("TF-IDF + logistic regression", "baseline"),
@@ -64,10 +66,7 @@ def dataset_overrides(name: str):
     """The data overrides of a data set, or None when it cannot be built here."""
     if DATASETS[name] is not None:
         return DATASETS[name]
-    if not (BENCH_DATA / "debian_sections" / "train.parquet").is_file():
-        print("debian: not built (run `python bench/bench_data.py`; needs the apt lists)")
-        return None
-    return data_overrides()
+    return data_overrides(name)
 
 
 def default_run(name: str, overrides, work: str) -> dict:

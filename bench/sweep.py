@@ -5,6 +5,9 @@
     python bench/sweep.py --datasets ledger debian --trials 20
     python bench/sweep.py --storage-only           # storage overhead per trial (seconds)
     python bench/sweep.py --tiny                   # tiny_bert smoke trials (a minute)
+    python bench/sweep.py --datasets ledger debian --train-rows 800
+                                                   # each train split cut to 800 rows (stratified;
+                                                   # validation and test whole): ~4x cheaper trials
 
 Both sweeps of a data set run the same command with the same sampler seed, one after the other,
 each in a study of its own (a sqlite file in a temporary dir): wall time and its ratio, trials
@@ -23,11 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, fill_defaults
-from bench_data import OUT as BENCH_DATA
+from _common import ROOT, compose_train, fill_defaults
 from bench_data import data_overrides
 
-DATASETS = {"ledger": [], "new_vendors": ["data=ledger_new_vendors"], "debian": None}
+DATASETS = {"ledger": [], "new_vendors": ["data=ledger_new_vendors"], "debian": None,
+            "wordnet": None}  # None: built by bench/bench_data.py
 
 
 def parse_args(argv=None):
@@ -38,6 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("--storage-only", action="store_true")
     parser.add_argument("--storage-trials", type=int, default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny_bert smoke trials")
+    parser.add_argument("--train-rows", type=int, default=None,
+                        help="cut each train split to this many rows (stratified, every class "
+                             "kept); validation and test stay whole")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every trial")
     args = parser.parse_args(argv)
     return fill_defaults(args, {"trials": 3, "storage_trials": 20},
@@ -117,6 +123,41 @@ def concurrent_writers(kind: str, trials: int, work: str) -> tuple[int, list[str
     return len(study.get_trials(deepcopy=False)), errors, seconds
 
 
+def cut_train(name: str, overrides: list[str], rows: int, work: str) -> list[str]:
+    """The data set's own splits (the product's split for the ledger) written as parquet files,
+    train cut to `rows` rows: the same share of every class, at least one row each."""
+    import pandas as pd
+
+    from lorasweep.data.tables import read_table, split_table
+
+    data = compose_train(overrides).data
+    if data.valid_path:
+        frames = {"train": read_table(data.train_path, "data.train_path").to_pandas(),
+                  "validation": read_table(data.valid_path, "data.valid_path").to_pandas(),
+                  "test": read_table(data.test_path, "data.test_path").to_pandas()}
+    else:
+        splits, _ = split_table(read_table(data.train_path, "data.train_path"),
+                                data.label_column, data.val_size, data.test_size, data.seed)
+        frames = {split: table.to_pandas() for split, table in splits.items()}
+    train = frames["train"]
+    share = rows / len(train)
+    keep = [row for _, group in train.groupby(data.label_column)
+            for row in group.sample(n=max(1, round(len(group) * share)),
+                                    random_state=data.seed).index]
+    frames["train"] = train.loc[sorted(keep)]
+    out = Path(work, f"data-{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    for split, frame in frames.items():
+        pd.DataFrame(frame).reset_index(drop=True).to_parquet(out / f"{split}.parquet")
+    print(f"{name}: train cut to {len(frames['train'])} of {len(train)} rows; validation "
+          f"{len(frames['validation'])}, test {len(frames['test'])} rows", flush=True)
+    columns = ",".join(data.text_columns)
+    return ["data=files", f"data.train_path={out}/train.parquet",
+            f"data.valid_path={out}/validation.parquet", f"data.test_path={out}/test.parquet",
+            f"data.label_column={data.label_column}", f"data.text_columns=[{columns}]",
+            f"data.max_length={data.max_length}"]
+
+
 def sweep(name: str, overrides: list[str], pruner: str, trials: int, work: str) -> dict:
     """One sweep; its wall time, trials pruned, best validation objective and that trial's
     test scores."""
@@ -162,16 +203,18 @@ def main(argv=None) -> None:
         for name in args.datasets:
             data = DATASETS[name]
             if data is None:
-                if not (BENCH_DATA / "debian_sections" / "train.parquet").is_file():
-                    print(f"{name}: not built (python bench/bench_data.py)")
+                data = data_overrides(name)
+                if data is None:
                     continue
-                data = data_overrides()
+            if args.train_rows:
+                data = cut_train(name, data, args.train_rows, work)
             plain = sweep(name, [*data, *extra, *args.overrides], "none", args.trials, work)
             pruned = sweep(name, [*data, *extra, *early, *args.overrides], args.pruner,
                            args.trials, work)
             rows.append((name, plain, pruned))
+        cut = f", train cut to {args.train_rows} rows" if args.train_rows else ""
         print(f"\nsweep bench: {args.trials} trials of hparams_search=optuna_f1, pruner none vs "
-              f"{args.pruner} (same sampler seed)")
+              f"{args.pruner} (same sampler seed{cut})")
         print(f"  {'data':<12}{'pruner':<10}{'wall s':>9}{'ratio':>7}{'pruned':>8}{'failed':>8}"
               f"{'best val':>10}{'its test':>10}{'blend':>8}")
         for name, plain, pruned in rows:
