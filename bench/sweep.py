@@ -8,12 +8,14 @@
     python bench/sweep.py --datasets ledger debian --train-rows 800
                                                    # each train split cut to 800 rows (stratified;
                                                    # validation and test whole): ~4x cheaper trials
+    python bench/sweep.py --pruners none median hyperband   # several pruners side by side
 
-Both sweeps of a data set run the same command with the same sampler seed, one after the other,
-each in a study of its own (a sqlite file in a temporary dir): wall time and its ratio, trials
-pruned, the best validation objective and that trial's test macro-F1 (model and blend). The
-storage part times what the sweeper and a trial do with the study per trial (ask, 3 reports with
-a pruning check, tell), in memory, in a sqlite file and in a journal file.
+The sweeps of a data set (one per pruner) run the same command with the same sampler seed, one
+after the other, each in a study of its own (a sqlite file in a temporary dir): wall time and its
+ratio to the unpruned sweep's, trials pruned, the best validation objective and that trial's test
+macro-F1 (model and blend). The storage part times what the sweeper and a trial do with the study
+per trial (ask, 3 reports with a pruning check, tell), in memory, in a sqlite file and in a
+journal file.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["ledger"], choices=list(DATASETS))
     parser.add_argument("--trials", type=int, default=None)
-    parser.add_argument("--pruner", default="median", help="hydra/sweeper/pruner option")
+    parser.add_argument("--pruners", nargs="+", default=["none", "median"],
+                        help="hydra/sweeper/pruner options, one sweep each (ratios against none)")
     parser.add_argument("--storage-only", action="store_true")
     parser.add_argument("--storage-trials", type=int, default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny_bert smoke trials")
@@ -198,7 +201,8 @@ def main(argv=None) -> None:
             return
         extra = ["model=tiny_bert", "training=smoke", "training.eval_strategy=steps",
                  "training.eval_steps=2", "baseline=none"] if args.tiny else []
-        early = ["hydra.sweeper.pruner.n_startup_trials=1"] if args.tiny else []
+        # median's startup trials (5 by default) would leave nothing to prune in a tiny sweep
+        early = {"median": ["hydra.sweeper.pruner.n_startup_trials=1"]} if args.tiny else {}
         rows = []
         for name in args.datasets:
             data = DATASETS[name]
@@ -208,22 +212,22 @@ def main(argv=None) -> None:
                     continue
             if args.train_rows:
                 data = cut_train(name, data, args.train_rows, work)
-            plain = sweep(name, [*data, *extra, *args.overrides], "none", args.trials, work)
-            pruned = sweep(name, [*data, *extra, *early, *args.overrides], args.pruner,
-                           args.trials, work)
-            rows.append((name, plain, pruned))
+            for pruner in args.pruners:
+                rows.append((name, pruner, sweep(name, [*data, *extra, *early.get(pruner, []),
+                                                        *args.overrides], pruner, args.trials,
+                                                 work)))
+                print(f"{name} {pruner}: {json.dumps(rows[-1][2])}", flush=True)
         cut = f", train cut to {args.train_rows} rows" if args.train_rows else ""
-        print(f"\nsweep bench: {args.trials} trials of hparams_search=optuna_f1, pruner none vs "
-              f"{args.pruner} (same sampler seed{cut})")
-        print(f"  {'data':<12}{'pruner':<10}{'wall s':>9}{'ratio':>7}{'pruned':>8}{'failed':>8}"
+        print(f"\nsweep bench: {args.trials} trials of hparams_search=optuna_f1, pruners "
+              f"{' vs '.join(args.pruners)} (same sampler seed{cut}; ratio: wall time / none's)")
+        print(f"  {'data':<12}{'pruner':<20}{'wall s':>9}{'ratio':>7}{'pruned':>8}{'failed':>8}"
               f"{'best val':>10}{'its test':>10}{'blend':>8}")
-        for name, plain, pruned in rows:
-            for label, r in (("none", plain), (args.pruner, pruned)):
-                blend = "" if r["test_blend"] is None else f"{r['test_blend']:.4f}"
-                print(f"  {name:<12}{label:<10}{r['seconds']:>9.0f}"
-                      f"{r['seconds'] / plain['seconds']:>7.2f}{r['pruned']:>8}{r['failed']:>8}"
-                      f"{r['best_val']:>10.4f}{r['test']:>10.4f}{blend:>8}")
-
+        for name, pruner, r in rows:
+            plain = next((r["seconds"] for n, p, r in rows if n == name and p == "none"), None)
+            ratio = f"{r['seconds'] / plain:>7.2f}" if plain else f"{'-':>7}"
+            blend = "" if r["test_blend"] is None else f"{r['test_blend']:.4f}"
+            print(f"  {name:<12}{pruner:<20}{r['seconds']:>9.0f}{ratio}{r['pruned']:>8}"
+                  f"{r['failed']:>8}{r['best_val']:>10.4f}{r['test']:>10.4f}{blend:>8}")
 
 if __name__ == "__main__":
     main()
