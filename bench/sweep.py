@@ -129,8 +129,6 @@ def concurrent_writers(kind: str, trials: int, work: str) -> tuple[int, list[str
 def cut_train(name: str, overrides: list[str], rows: int, work: str) -> list[str]:
     """The data set's own splits (the product's split for the ledger) written as parquet files,
     train cut to `rows` rows: the same share of every class, at least one row each."""
-    import pandas as pd
-
     from lorasweep.data.tables import read_table, split_table
 
     data = compose_train(overrides).data
@@ -151,7 +149,7 @@ def cut_train(name: str, overrides: list[str], rows: int, work: str) -> list[str
     out = Path(work, f"data-{name}")
     out.mkdir(parents=True, exist_ok=True)
     for split, frame in frames.items():
-        pd.DataFrame(frame).reset_index(drop=True).to_parquet(out / f"{split}.parquet")
+        frame.reset_index(drop=True).to_parquet(out / f"{split}.parquet")
     print(f"{name}: train cut to {len(frames['train'])} of {len(train)} rows; validation "
           f"{len(frames['validation'])}, test {len(frames['test'])} rows", flush=True)
     columns = ",".join(data.text_columns)
@@ -223,7 +221,8 @@ def main(argv=None) -> None:
         print(f"  {'data':<12}{'pruner':<20}{'wall s':>9}{'ratio':>7}{'pruned':>8}{'failed':>8}"
               f"{'best val':>10}{'its test':>10}{'blend':>8}")
         for name, pruner, r in rows:
-            plain = next((r["seconds"] for n, p, r in rows if n == name and p == "none"), None)
+            plain = next((other["seconds"] for n, p, other in rows
+                          if n == name and p == "none"), None)
             ratio = f"{r['seconds'] / plain:>7.2f}" if plain else f"{'-':>7}"
             blend = "" if r["test_blend"] is None else f"{r['test_blend']:.4f}"
             print(f"  {name:<12}{pruner:<20}{r['seconds']:>9.0f}{ratio}{r['pruned']:>8}"
