@@ -119,6 +119,17 @@ SETS = {
 }
 
 
+# Every data set the quality and sweep benches take: the shipped ledgers (Hydra overrides) and the
+# built sets above
+SHIPPED = {"ledger": [], "new_vendors": ["data=ledger_new_vendors"]}
+DATASETS = [*SHIPPED, *SETS]
+
+
+def dataset_overrides(name: str) -> list | None:
+    """The Hydra overrides that select a data set, or None when it is not built here."""
+    return SHIPPED[name] if name in SHIPPED else data_overrides(name)
+
+
 def data_overrides(name: str = "debian") -> list | None:
     """The Hydra overrides that select a built set, or None (and a line saying how to build it)."""
     folder, label, text, max_length, _ = SETS[name]

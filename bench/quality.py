@@ -34,13 +34,10 @@ from pathlib import Path
 import pandas as pd
 
 from _common import ROOT, compose_train
-from bench_data import data_overrides
+from bench_data import DATASETS, dataset_overrides
 
 sys.path.insert(0, str(ROOT / "data" / "sample_ledger"))  # generate.py: the ledgers' generator
 
-# None: built by bench/bench_data.py (skipped with a line saying how when absent)
-DATASETS = {"ledger": [], "new_vendors": ["data=ledger_new_vendors"], "debian": None,
-            "wordnet": None}
 GENERATED = ("ledger", "new_vendors")  # written by data/sample_ledger/generate.py
 ROWS = (("label-noise ceiling", "ceiling"), ("majority class", "majority"),
         ("TF-IDF + logistic regression", "baseline"),
@@ -60,13 +57,6 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny_bert smoke run (seconds)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. lora.r=16")
     return parser.parse_args(argv)
-
-
-def dataset_overrides(name: str):
-    """The data overrides of a data set, or None when it cannot be built here."""
-    if DATASETS[name] is not None:
-        return DATASETS[name]
-    return data_overrides(name)
 
 
 def default_run(name: str, overrides, work: str) -> dict:

@@ -29,10 +29,7 @@ import time
 from pathlib import Path
 
 from _common import ROOT, compose_train, fill_defaults
-from bench_data import data_overrides
-
-DATASETS = {"ledger": [], "new_vendors": ["data=ledger_new_vendors"], "debian": None,
-            "wordnet": None}  # None: built by bench/bench_data.py
+from bench_data import DATASETS, dataset_overrides
 
 
 def parse_args(argv=None):
@@ -203,11 +200,9 @@ def main(argv=None) -> None:
         early = {"median": ["hydra.sweeper.pruner.n_startup_trials=1"]} if args.tiny else {}
         rows = []
         for name in args.datasets:
-            data = DATASETS[name]
+            data = dataset_overrides(name)
             if data is None:
-                data = data_overrides(name)
-                if data is None:
-                    continue
+                continue
             if args.train_rows:
                 data = cut_train(name, data, args.train_rows, work)
             for pruner in args.pruners:
