@@ -6,12 +6,13 @@
 (a) training samples/s, training.mixed_precision=auto vs no (fp32), alternating runs of
     `--steps` steps each (the first `--warmup` left out), best run of each kept.
 (b) evaluation rows/s of the Trainer's own evaluation (Trainer.predict, as each epoch's and the
-    final passes run it): rows sorted by length (what a run does) vs dataset order (what it did),
-    on variable-length text (ledger rows with 0-7 more rows appended: p50 and p95 token lengths
-    printed) and on the uniform ledger rows; at the precision auto gives here and in fp32.
-(d) the sorted evaluation's batches cut by rows (the eval batch size, what a run does) vs by
-    tokens (each batch filled up to eval batch size x the set's mean length in padded tokens, so
-    short rows go in bigger batches and long ones in smaller), forward passes alone, at auto.
+    final passes run it), three sides alternating: rows sorted by length in batches cut by padded
+    tokens (what a run does), sorted in batches of eval-batch-size rows, and dataset order in
+    batches of rows (what it did); on variable-length text (ledger rows with 0-7 more rows
+    appended: p50 and p95 token lengths printed) and on the uniform ledger rows; at the precision
+    auto gives here and in fp32.
+(c) the run's evaluation now (sorted, by tokens, auto) against before (dataset order, fp32).
+(d) sorted, batches by tokens against batches by rows, at auto: what cutting by tokens adds.
 
 Trailing key=value arguments are Hydra overrides applied to every config.
 """
@@ -37,8 +38,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, help="alternating runs per side")
     parser.add_argument("--rows", type=int, help="rows per evaluation, part (b)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--parts", nargs="+", default=["a", "b", "d"], choices=["a", "b", "d"],
-                        help="which parts to run ((c) comes with (b))")
+    parser.add_argument("--parts", nargs="+", default=["a", "b"], choices=["a", "b"],
+                        help="which parts to run ((c) and (d) come with (b))")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     args = parser.parse_args(argv)
     fill_defaults(args, tiny={"steps": 4, "warmup": 1, "repeats": 1, "rows": 64},
@@ -89,66 +90,26 @@ def eval_sets(trainer, tokenizer, rows: int):
     return sets
 
 
-def eval_rows_per_second(trainer, dataset, sorted_rows: bool) -> float:
+SIDES = {"tokens": "sorted, batches by tokens (the run now)",
+         "rows": "sorted, batches of eval-batch-size rows",
+         "order": "dataset order, batches of rows (before)"}
+
+
+def eval_rows_per_second(trainer, dataset, side: str) -> float:
+    """Rows/s of one Trainer evaluation of `dataset` (Trainer.predict, as every evaluation of a
+    run calls it), as `side` (SIDES) cuts its batches."""
     from lorasweep.training.trainer import evaluate_split
 
-    start = time.perf_counter()
-    if sorted_rows:
-        evaluate_split(trainer, dataset, "eval")
-    else:
-        trainer.predict(dataset, metric_key_prefix="eval")
-    return len(dataset) / (time.perf_counter() - start)
-
-
-def row_batches(lengths, size: int) -> list:
-    order = np.argsort(lengths, kind="stable")
-    return [order[i:i + size] for i in range(0, len(order), size)]
-
-
-def token_batches(lengths, budget: int) -> list:
-    """Sorted rows, each batch as long as (rows x its longest row) stays within budget."""
-    batches, batch = [], []
-    for index in np.argsort(lengths, kind="stable"):
-        if batch and (len(batch) + 1) * lengths[index] > budget:
-            batches.append(batch)
-            batch = []
-        batch.append(index)
-    return batches + [batch] if batch else batches
-
-
-def forward_rows_per_second(trainer, dataset, batches) -> float:
-    import torch
-
-    rows = [{k: v for k, v in row.items() if k != "labels"} for row in dataset]
-    start = time.perf_counter()
-    with torch.inference_mode(), trainer.autocast_smart_context_manager():
-        for batch in batches:
-            trainer.model(**trainer.data_collator([rows[int(i)] for i in batch]))
-    return len(dataset) / (time.perf_counter() - start)
-
-
-def bench_token_batches(args, work: str) -> list:
-    cfg = compose_config(train_overrides(args, 1), os.path.join(work, "eval-tokens"),
-                         os.path.join(work, "cache"))
-    trainer = lorasweep_trainer(cfg, [])
-    trainer.model.eval()
-    size = trainer.args.per_device_eval_batch_size
-    results = []
-    for name, dataset in eval_sets(trainer, trainer.processing_class, args.rows):
-        lengths = np.array([len(ids) for ids in dataset["input_ids"]])
-        budget = int(size * lengths.mean())
-        sides = {"rows": row_batches(lengths, size), "tokens": token_batches(lengths, budget)}
-        speeds = {side: [] for side in sides}
-        forward_rows_per_second(trainer, dataset.select(range(8)), [range(8)])  # warm-up
-        for _ in range(args.repeats):
-            for side, batches in sides.items():
-                speeds[side].append(forward_rows_per_second(trainer, dataset, batches))
-        by_tokens, by_rows = max(speeds["tokens"]), max(speeds["rows"])
-        results.append((f"(d) eval batches by tokens / by rows, rows/s, {name}",
-                        f"{by_tokens:.1f} / {by_rows:.1f}", by_tokens / by_rows,
-                        f"{len(sides['tokens'])} vs {len(sides['rows'])} batches, budget "
-                        f"{budget} tokens vs {size} rows"))
-    return results
+    trainer.eval_batches_by_tokens = side == "tokens"
+    try:
+        start = time.perf_counter()
+        if side == "order":
+            trainer.predict(dataset, metric_key_prefix="eval")
+        else:
+            evaluate_split(trainer, dataset, "eval")
+        return len(dataset) / (time.perf_counter() - start)
+    finally:
+        trainer.eval_batches_by_tokens = True
 
 
 def bench_evaluation(args, work: str) -> list:
@@ -158,25 +119,33 @@ def bench_evaluation(args, work: str) -> list:
                              os.path.join(work, f"eval-{precision}"), os.path.join(work, "cache"))
         trainer = lorasweep_trainer(cfg, [])
         trainer.model.eval()
+        size = trainer.args.per_device_eval_batch_size
         for name, dataset in eval_sets(trainer, trainer.processing_class, args.rows):
             lengths = [len(ids) for ids in dataset["input_ids"]]
             p50, p95 = np.percentile(lengths, [50, 95])
-            speeds = {True: [], False: []}
-            for _ in range(args.repeats):  # alternating: drift in machine speed hits both
-                for sorted_rows in speeds:
-                    speeds[sorted_rows].append(eval_rows_per_second(trainer, dataset,
-                                                                    sorted_rows))
-            fast, slow = max(speeds[True]), max(speeds[False])
-            best[precision, name] = fast, slow
+            speeds = {side: [] for side in SIDES}
+            for side in speeds:  # warm-up: the first pass of each side pays one-off costs
+                eval_rows_per_second(trainer, dataset.select(range(8)), side)
+            for _ in range(args.repeats):  # alternating: drift in machine speed hits every side
+                for side in speeds:
+                    speeds[side].append(eval_rows_per_second(trainer, dataset, side))
+            fastest = {side: max(values) for side, values in speeds.items()}
+            best[precision, name] = fastest
             label = trainer.args.mixed_precision if precision == "auto" else "fp32"
-            results.append((f"(b) eval sorted / dataset order, rows/s, {name}, {label}",
-                            f"{fast:.1f} / {slow:.1f}", fast / slow,
+            results.append((f"(b) eval rows/s, sorted+tokens / order, {name}, {label}",
+                            f"{fastest['tokens']:.1f} / {fastest['order']:.1f}",
+                            fastest["tokens"] / fastest["order"],
                             f"{len(dataset)} rows, tokens p50 {p50:.0f} p95 {p95:.0f}, "
-                            f"eval batch {trainer.args.per_device_eval_batch_size}"))
+                            f"eval batch {size}"))
     for name in ("variable-length", "uniform"):  # the run's evaluation now vs before
-        after, before = best["auto", name][0], best["no", name][1]
-        results.append((f"(c) eval now (sorted, auto) / before (order, fp32), {name}",
+        after, before = best["auto", name]["tokens"], best["no", name]["order"]
+        results.append((f"(c) eval now (sorted+tokens, auto) / before (order, fp32), {name}",
                         f"{after:.1f} / {before:.1f}", after / before, "rows/s"))
+    for name in ("variable-length", "uniform"):
+        tokens, rows = best["auto", name]["tokens"], best["auto", name]["rows"]
+        results.append((f"(d) eval sorted, batches by tokens / by rows, {name}",
+                        f"{tokens:.1f} / {rows:.1f}", tokens / rows,
+                        f"budget eval batch x mean length tokens vs {size} rows"))
     return results
 
 
@@ -189,11 +158,11 @@ def main(argv=None) -> None:
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("lorasweep").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="lorasweep-bench-") as work:
-        parts = {"a": bench_training, "b": bench_evaluation, "d": bench_token_batches}
+        parts = {"a": bench_training, "b": bench_evaluation}
         rows = [row for part in args.parts for row in parts[part](args, work)]
     lines = ["", f"lorasweep speed bench ({args.model}, CPU)",
-             f"  {'measure':<70}{'values':>16}{'ratio':>8}  notes"]
-    lines += [f"  {name:<70}{values:>16}{ratio:>8.2f}  {notes}"
+             f"  {'measure':<78}{'values':>16}{'ratio':>8}  notes"]
+    lines += [f"  {name:<78}{values:>16}{ratio:>8.2f}  {notes}"
               for name, values, ratio, notes in rows]
     print("\n".join(lines), flush=True)
 

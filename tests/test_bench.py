@@ -67,11 +67,11 @@ def test_speed_bench_prints_training_and_evaluation_ratios():
     out = run_bench("eval_speed.py").stdout
     table = out[out.index("lorasweep speed bench"):]
     for needle in ("(a) training auto / fp32", "variable-length", "uniform", "fp32",
-                   "(c) eval now (sorted, auto) / before (order, fp32)",
-                   "(d) eval batches by tokens / by rows"):
+                   "(c) eval now (sorted+tokens, auto) / before (order, fp32)",
+                   "(d) eval sorted, batches by tokens / by rows"):
         assert needle in table, out
     rows = [line for line in table.splitlines() if line.startswith("  (")]
-    assert len(rows) == 9 and all(float(line[88:96]) > 0 for line in rows), table
+    assert len(rows) == 9 and all(float(line[96:104]) > 0 for line in rows), table
 
 
 def test_serve_bench_prints_rows_per_second_for_the_endpoint_and_predict_py():

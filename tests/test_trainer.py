@@ -11,12 +11,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
 from helpers import SAMPLE, SMOKE, assert_reload_reproduces_predictions, run_train, tiny_trainer
+from lorasweep.data.batching import length_order, token_batches
 from lorasweep.training.trainer import (
     OrderedEvalTrainer,
     checkpoint_step,
     evaluate_split,
     find_resume_checkpoint,
-    length_order,
+    sorted_by_length,
 )
 
 
@@ -56,29 +57,52 @@ def test_the_run_ends_with_its_best_epoch_not_its_last(tmp_path, run_dir, cache_
 
 @pytest.mark.parametrize("sampling", ["group_by_length", "random"])
 def test_per_row_probabilities_pair_with_their_rows(tmp_path, sampling):
-    """Evaluation runs sorted by length (and the Trainer's own eval sampler would length-group
-    it under group_by_length); the probabilities come back in dataset order: row i's equal the
-    model's output for row i alone."""
+    """Evaluation runs sorted by length in batches cut by padded tokens (and the Trainer's own
+    eval sampler would length-group it under group_by_length); the probabilities come back in
+    dataset order: row i's equal the model's output for row i alone. The loss is the mean over
+    rows, though the batches differ in size."""
     import torch
 
     trainer = tiny_trainer(tmp_path, [f"training.train_sampling_strategy={sampling}",
                                       "training.mixed_precision=no",
                                       "training.per_device_eval_batch_size=5"], rows=23)
     split = trainer.train_dataset
-    order = length_order(split)
+    lengths = [len(ids) for ids in split["input_ids"]]
+    order = length_order(lengths)
     assert list(order) != list(range(len(split)))  # the rows are not already sorted
-    assert [len(split[int(i)]["input_ids"]) for i in order] == sorted(
-        len(ids) for ids in split["input_ids"])
+    assert [lengths[i] for i in order] == sorted(lengths)
+    sizes = [len(batch["input_ids"]) for batch in trainer.get_test_dataloader(
+        sorted_by_length(split))]
+    assert sum(sizes) == len(split) and len(set(sizes)) > 1, sizes  # cut by tokens, not rows
     metrics, probabilities = evaluate_split(trainer, split, "test")
     model = trainer.model.eval()
     with torch.no_grad():
-        alone = [torch.softmax(model(input_ids=torch.tensor([row["input_ids"]])).logits, -1)[0]
-                 for row in split]
-    np.testing.assert_allclose(probabilities, torch.stack(alone).numpy(), atol=1e-5)
+        alone = [model(input_ids=torch.tensor([row["input_ids"]])).logits[0] for row in split]
+    np.testing.assert_allclose(probabilities, torch.softmax(torch.stack(alone), -1).numpy(),
+                               atol=1e-5)
     assert metrics["test_accuracy"] == pytest.approx(
         (probabilities.argmax(-1) == np.asarray(split["labels"])).mean())
+    row_losses = torch.nn.functional.cross_entropy(  # the model's own loss: no loss_fn here
+        torch.stack(alone), torch.tensor(split["labels"]), reduction="none")
+    assert metrics["test_loss"] == pytest.approx(float(row_losses.mean()), rel=1e-4)
     assert len(trainer.eval_dataset) == len(split)  # the per-epoch evaluation: sorted rows
     assert trainer.eval_dataset["input_ids"] == [split[int(i)]["input_ids"] for i in order]
+
+
+def test_token_batches_fill_a_budget_of_padded_tokens():
+    """Batches follow the given order without a gap; each pads (rows x its longest row) to at
+    most rows-per-batch x the mean length, or holds one row; sorted short rows go many to a
+    batch, long ones few."""
+    lengths = sorted([3] * 40 + [10] * 20 + [60] * 4 + [200])
+    batches = token_batches(lengths, rows=8)
+    assert [i for batch in batches for i in batch] == list(range(len(lengths)))
+    budget = 8 * np.mean(lengths)
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= budget
+    assert len(batches[0]) > 8 and len(batches[-1]) == 1  # short rows many, the long one alone
+    assert token_batches([], rows=8) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        token_batches([5], rows=0)
 
 
 def test_the_head_and_pooler_learn_at_their_own_rate(tmp_path):

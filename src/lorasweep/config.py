@@ -104,6 +104,8 @@ class TrainingSettings:
     num_train_epochs: float = 3.0
     max_steps: int = -1
     per_device_train_batch_size: int = 32
+    # Evaluation on one process: rows of mean length per batch (rows sorted by length, batches
+    # cut by padded tokens); on N ranks, rows per batch.
     per_device_eval_batch_size: int = 128
     gradient_accumulation_steps: int = 1
     # LoRA adapters take a higher learning rate than full fine-tuning does.
@@ -251,7 +253,8 @@ class PredictConfig:
     input: str = MISSING
     output: str = MISSING
     top_k: int = 3  # top1_label/top1_score ... topK_label/topK_score columns
-    batch_size: int = 64  # rows per forward pass (batched by token length, output in input order)
+    batch_size: int = 64  # rows of mean length per forward pass (rows sorted by length, batches
+    # cut by padded tokens: more short rows, fewer long ones; output in input order)
     max_length: int | None = None  # None: the run's data.max_length
     device: str = "auto"  # auto: cuda when available; or cpu, cuda
     progress: bool = True

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from lorasweep import distributed
 from lorasweep.config import HEAD_NAMES
+from lorasweep.data.batching import length_order, token_batches
 from lorasweep.evaluation.baseline import LBFGS_MAX_ITER, fit_capped
 from lorasweep.evaluation.metrics import scored_metrics
 from lorasweep.model.precision import Precision, autocast
@@ -72,15 +73,16 @@ def head_inputs(model, head: nn.Linear, dataset, collator, batch_size: int,
     captured = []
     hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
     columns = [c for c in dataset.column_names if c != "labels"]
-    order = np.argsort([len(ids) for ids in dataset["input_ids"]])  # similar lengths together
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    order = length_order(lengths)  # similar lengths together, batches cut by padded tokens
     ordered = dataset.select_columns(columns).select(order)
     device = next(model.parameters()).device
     rows = []
     bar = tqdm(total=len(ordered), desc=progress, unit="rows", leave=False,
                disable=True if progress is None or not distributed.is_rank_zero() else None)
     try:
-        for start in range(0, len(ordered), batch_size):
-            chunk = ordered[start:start + batch_size]  # column -> list, one Arrow read a batch
+        for span in token_batches([lengths[i] for i in order], batch_size):
+            chunk = ordered[span.start:span.stop]  # column -> list, one Arrow read a batch
             batch = collator([dict(zip(chunk, values, strict=True))
                               for values in zip(*chunk.values(), strict=True)])
             batch = {k: v.to(device) for k, v in batch.items()}

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lorasweep.data.batching import length_order, token_batches
 from lorasweep.data.labels import label_to_text
 from lorasweep.data.serialization import serialize_batch
 from lorasweep.errors import ConfigError, DataError
@@ -33,12 +34,12 @@ def predict_probabilities(model, tokenizer, texts: Sequence[str], max_length: in
     Texts are batched by token length (little padding, fast), then put back in input order.
     """
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    order = np.argsort([len(ids) for ids in encoded], kind="stable")
+    order = length_order([len(ids) for ids in encoded])
     device = next(model.parameters()).device
     probabilities: list[np.ndarray] = [None] * len(texts)  # type: ignore[list-item]
-    batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc="predict", disable=not progress):
-        idx = order[start:start + batch_size]
+    batches = token_batches([len(encoded[i]) for i in order], batch_size)
+    for rows in tqdm(batches, desc="predict", disable=not progress):
+        idx = order[rows.start:rows.stop]
         batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt")
         with autocast(precision, device):
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits

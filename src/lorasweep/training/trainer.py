@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import SequentialSampler
+from torch.utils.data import DataLoader, SequentialSampler
 from transformers import DataCollatorWithPadding, EarlyStoppingCallback, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lorasweep import distributed, outputs
 from lorasweep.config import METRIC_NAMES
+from lorasweep.data.batching import length_order, token_batches
 from lorasweep.errors import ConfigError, one_line
 from lorasweep.evaluation.metrics import compute_metrics
 from lorasweep.model.precision import Precision, resolve
@@ -119,22 +120,62 @@ class PicklableWithoutSecrets(TrainingArguments):
 
 
 class OrderedEvalTrainer(Trainer):
-    """A Trainer whose evaluation and `predict` keep the dataset's row order, whose head may
-    learn at its own rate, and that leaves its checkpoints in place when training ends.
+    """A Trainer whose evaluation and `predict` keep the dataset's row order and cut their batches
+    by padded tokens, whose head may learn at its own rate, and that leaves its checkpoints in
+    place when training ends.
 
     With `train_sampling_strategy=group_by_length`, transformers 5 also length-groups (shuffles)
     evaluation batches, so `predict()` output no longer lines up with the rows. Metrics would not
-    care, but per-row predictions would be silently wrong. On N ranks the Trainer already uses an
-    ordered, sharded sampler.
+    care, but per-row predictions would be silently wrong. On one process the batches follow the
+    dataset's order, cut by `token_batches` (eval batch size x the mean length in padded tokens;
+    the run passes its splits sorted by length). On N ranks the Trainer's own ordered, sharded
+    sampler cuts batches of eval batch size rows: its sharding and the gathering of predictions
+    assume one batch size.
     """
 
     head_learning_rate: float | None = None  # None: the head learns at learning_rate
     head_modules: tuple = ()  # module names trained in full beside the adapters
+    eval_batches_by_tokens: bool = True  # False: the Trainer's batches of eval batch size rows
 
     def _get_eval_sampler(self, eval_dataset):
         if eval_dataset is None or self.args.world_size > 1:
             return None
         return SequentialSampler(eval_dataset)
+
+    def _by_tokens(self, dataset) -> bool:
+        return (self.eval_batches_by_tokens and self.args.world_size == 1
+                and "input_ids" in getattr(dataset, "column_names", ()))
+
+    def _token_dataloader(self, dataset, description: str) -> DataLoader:
+        dataset = self._remove_unused_columns(dataset, description=description)
+        batches = token_batches([len(ids) for ids in dataset["input_ids"]],
+                                self.args.eval_batch_size)
+        return self.accelerator.prepare(DataLoader(
+            dataset, batch_sampler=[list(b) for b in batches], collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory))
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        dataset = (self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str)
+                   else self.eval_dataset if eval_dataset is None else eval_dataset)
+        if self._by_tokens(dataset):
+            return self._token_dataloader(dataset, "Evaluation")
+        return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        if self._by_tokens(test_dataset):
+            return self._token_dataloader(test_dataset, "test")
+        return super().get_test_dataloader(test_dataset)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """The batch's mean loss once per row, so that the evaluation loss is the mean over rows
+        when batches differ in size: the Trainer repeats each batch's loss eval-batch-size times,
+        as if every batch were full."""
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only,
+                                                       ignore_keys=ignore_keys)
+        if loss is not None and self.args.world_size == 1:
+            loss = loss.reshape(1).repeat(len(inputs["input_ids"]))
+        return loss, logits, labels
 
     def _finalize_training(self, *args, **kwargs):
         """With save_total_limit=1 the Trainer deletes every checkpoint but the best one as
@@ -168,9 +209,9 @@ class OrderedEvalTrainer(Trainer):
         return self.optimizer
 
 
-def length_order(dataset) -> np.ndarray:
-    """Row indices by token length (stable): evaluation batches of similar lengths pad little."""
-    return np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
+def sorted_by_length(dataset):
+    """The dataset's rows by token length: evaluation batches of similar lengths pad little."""
+    return dataset.select(length_order([len(ids) for ids in dataset["input_ids"]]))
 
 
 def build_trainer(model, args: TrainingArguments, tokenized, tokenizer, loss_fn,
@@ -184,7 +225,7 @@ def build_trainer(model, args: TrainingArguments, tokenized, tokenizer, loss_fn,
         model=model, args=args, train_dataset=tokenized["train"],
         # Sorted by length (metrics do not depend on the order; `evaluate_split` puts per-row
         # outputs back in dataset order).
-        eval_dataset=tokenized["validation"].select(length_order(tokenized["validation"])),
+        eval_dataset=sorted_by_length(tokenized["validation"]),
         data_collator=collator,
         processing_class=tokenizer, compute_metrics=compute_metrics,
         compute_loss_func=loss_fn,
@@ -262,9 +303,10 @@ def best_epoch(trainer: Trainer) -> float | None:
 def evaluate_split(trainer: Trainer, dataset, prefix: str) -> tuple[dict[str, float], np.ndarray]:
     """Metrics and class probabilities, one row per dataset row, in dataset order.
 
-    The rows go through the model sorted by length (batches pad to their longest row: in dataset
-    order a batch of short rows pads to its one long row), and come back in dataset order."""
-    order = length_order(dataset)
+    The rows go through the model sorted by length, in batches cut by padded tokens (a batch pads
+    to its longest row: in dataset order a batch of short rows pads to its one long row), and
+    come back in dataset order."""
+    order = length_order([len(ids) for ids in dataset["input_ids"]])
     result = trainer.predict(dataset.select(order), metric_key_prefix=prefix)
     logits = result.predictions[0] if isinstance(result.predictions, tuple) else result.predictions
     probabilities = np.empty((len(order), logits.shape[-1]), dtype=np.float64)
