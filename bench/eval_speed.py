@@ -90,9 +90,9 @@ def eval_sets(trainer, tokenizer, rows: int):
     return sets
 
 
-SIDES = {"tokens": "sorted, batches by tokens (the run now)",
-         "rows": "sorted, batches of eval-batch-size rows",
-         "order": "dataset order, batches of rows (before)"}
+# tokens: sorted, batches by tokens (the run now); rows: sorted, batches of eval-batch-size rows;
+# order: dataset order, batches of rows (before)
+SIDES = ("tokens", "rows", "order")
 
 
 def eval_rows_per_second(trainer, dataset, side: str) -> float:
