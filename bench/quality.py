@@ -7,7 +7,7 @@ and (optionally) the best of an Optuna sweep, all on the same split.
     python bench/quality.py --seeds 42 7 1234        # the default recipe at three training seeds
     python bench/quality.py --sweep-trials 20    # + a 20-trial sweep per data set (hours on CPU)
     python bench/quality.py --tiny                   # tiny_bert smoke run on the ledger (seconds)
-    python bench/quality.py --datasets ledger lora.r=16   # trailing key=value: Hydra overrides
+    python bench/quality.py --datasets ledger lora.r=16   # key=value words: Hydra overrides
 
 Data sets: `ledger` (the shipped sample, split by lorasweep), `new_vendors` (its variant whose
 validation/test vendors never appear in train), `debian` (Debian packages' one-line summaries ->
@@ -47,6 +47,10 @@ ROWS = (("label-noise ceiling", "ceiling"), ("majority class", "majority"),
 
 
 def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # key=value words are Hydra overrides wherever they stand (after `--seeds 42 7`, argparse
+    # would take them for seeds).
+    overrides = [word for word in argv if "=" in word and not word.startswith("-")]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--sweep-trials", type=int, default=0,
@@ -56,7 +60,9 @@ def parse_args(argv=None):
                              "each row then shows their mean (default: one run at the config's)")
     parser.add_argument("--tiny", action="store_true", help="tiny_bert smoke run (seconds)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. lora.r=16")
-    return parser.parse_args(argv)
+    args = parser.parse_args([word for word in argv if word not in overrides])
+    args.overrides = overrides
+    return args
 
 
 def default_run(name: str, overrides, work: str) -> dict:

@@ -42,6 +42,16 @@ def test_quality_bench_prints_every_system():
     assert "lorasweep sweep best" in table and "not run" in table
 
 
+def test_quality_bench_takes_key_value_words_as_overrides_wherever_they_stand(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from quality import parse_args
+
+    args = parse_args(["--seeds", "42", "7", "training.num_train_epochs=5", "--datasets",
+                       "debian", "lora.r=8"])
+    assert args.seeds == [42, 7] and args.datasets == ["debian"]
+    assert args.overrides == ["training.num_train_epochs=5", "lora.r=8"]
+
+
 def test_gpu_bench_runs_its_variants_on_cpu():
     out = run_bench("gpu.py").stdout
     table = out[out.index("gpu bench: tiny"):]
