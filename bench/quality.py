@@ -59,7 +59,7 @@ def parse_args(argv=None):
                         help="training seeds (the top-level `seed`) of the default recipe's runs; "
                              "each row then shows their mean (default: one run at the config's)")
     parser.add_argument("--tiny", action="store_true", help="tiny_bert smoke run (seconds)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. lora.r=16")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. lora.r=16 (anywhere)")
     args = parser.parse_args([word for word in argv if word not in overrides])
     args.overrides = overrides
     return args
