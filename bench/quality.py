@@ -51,7 +51,9 @@ def parse_args(argv=None):
     # key=value words are Hydra overrides wherever they stand (after `--seeds 42 7`, argparse
     # would take them for seeds).
     overrides = [word for word in argv if "=" in word and not word.startswith("-")]
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="key=value words, anywhere: Hydra overrides, e.g. "
+                                            "lora.r=16")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--sweep-trials", type=int, default=0,
                         help="run hparams_search=optuna_f1 with this many trials per data set")
@@ -59,7 +61,6 @@ def parse_args(argv=None):
                         help="training seeds (the top-level `seed`) of the default recipe's runs; "
                              "each row then shows their mean (default: one run at the config's)")
     parser.add_argument("--tiny", action="store_true", help="tiny_bert smoke run (seconds)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. lora.r=16 (anywhere)")
     args = parser.parse_args([word for word in argv if word not in overrides])
     args.overrides = overrides
     return args
